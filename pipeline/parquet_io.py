@@ -1,0 +1,94 @@
+"""Small IO helpers shared by every stage: atomic writes, fingerprints, Parquet metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from contextlib import contextmanager
+from importlib import metadata
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+METADATA_KEY = b"bicro_clean"
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("bicro-clean")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts for local paths and fsspec URLs alike."""
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+@contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """Yield a temporary sibling path; rename it to `path` only if the block finishes.
+
+    A reader (or a resumed run) never sees a partial file under the final name: a crash leaves only a
+    `.tmp-*` file, which the next run overwrites with its own uniquely named temp file.
+    """
+    fs, _, (final,) = fsspec.get_fs_token_paths(path)
+    parent = final.rsplit("/", 1)[0] if "/" in final else "."
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}"
+    try:
+        yield tmp
+        fs.mv(tmp, final)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def write_parquet_atomic(table: pa.Table, path: str, meta: dict[str, Any]) -> None:
+    schema_meta = dict(table.schema.metadata or {})
+    schema_meta[METADATA_KEY] = json.dumps(meta, sort_keys=True).encode()
+    table = table.replace_schema_metadata(schema_meta)
+    with atomic_output(path) as tmp:
+        with fsspec.open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+
+
+def read_stage_metadata(path: str) -> dict[str, Any] | None:
+    """The bicro-clean metadata of a Parquet file, or None when it is missing or unreadable."""
+    try:
+        with fsspec.open(path, "rb") as fh:
+            schema_meta = pq.read_schema(fh).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    raw = schema_meta.get(METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def input_fingerprint(url: str) -> str:
+    """Cheap identity of an input file (size + modification time or etag) without reading it."""
+    fs, _, (path,) = fsspec.get_fs_token_paths(url)
+    info = fs.info(path)
+    stamp = {k: str(info.get(k)) for k in ("size", "mtime", "ETag", "etag", "md5Hash", "LastModified") if k in info}
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with fsspec.open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,64 @@
+"""Encoder shapes and normalisation for all three encoder kinds (no network)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from models.encoders import load_encoder, set_offline_env
+
+
+def _images(encoder, n=3):
+    transform = encoder.image_transform()
+    return torch.stack([transform(Image.new("RGB", (40 + 9 * i, 30), (60 * i, 20, 200))) for i in range(n)])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _offline():
+    set_offline_env()
+
+
+@pytest.mark.parametrize(
+    "spec, dims, aligned",
+    [("tiny", (64, 64), True), ("towers", (1280, 384), False), ("open_clip:bicro-tiny", (64, 64), True)],
+)
+def test_encoder_outputs_are_normalised_float32(spec, dims, aligned):
+    if spec.startswith("open_clip"):
+        load_encoder("tiny", "cpu")  # registers the tiny config that open_clip:bicro-tiny names
+    encoder = load_encoder(spec, "cpu")
+    image = encoder.encode_images(_images(encoder))
+    text = encoder.encode_texts(["a dog runs", "two people on a beach", "x"])
+    assert image.shape == (3, dims[0]) and text.shape == (3, dims[1])
+    assert image.dtype == torch.float32 and text.dtype == torch.float32
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(3))
+    assert encoder.aligned is aligned
+    assert encoder.describe()["image_dim"] == dims[0]
+
+
+def test_towers_text_embeddings_are_semantic():
+    encoder = load_encoder("towers", "cpu")
+    a, b, c = encoder.encode_texts(["a dog runs on the grass", "a puppy running in a field", "a plate of pasta"])
+    assert float(a @ b) > float(a @ c) + 0.2
+
+
+def test_tiny_encoder_is_reproducible():
+    first, second = load_encoder("tiny", "cpu"), load_encoder("tiny", "cpu")
+    assert first.describe()["weights"] == second.describe()["weights"]
+    torch.testing.assert_close(first.encode_texts(["same"]), second.encode_texts(["same"]))
+
+
+def test_unknown_encoder_and_missing_checkpoint_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown encoder"):
+        load_encoder("resnet", "cpu")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_encoder(f"open_clip:ViT-B-32:{tmp_path}/missing.pt", "cpu")
+    with pytest.raises(ValueError, match="sentence-transformers"):
+        load_encoder(f"towers:efficientnet-lite0:{tmp_path}/nope", "cpu")
+
+
+def test_open_clip_local_checkpoint_loads(tmp_path):
+    tiny = load_encoder("tiny", "cpu")
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save({"state_dict": tiny.model.state_dict()}, checkpoint)
+    loaded = load_encoder(f"open_clip:bicro-tiny:{checkpoint}", "cpu")
+    torch.testing.assert_close(loaded.encode_texts(["same words"]), tiny.encode_texts(["same words"]))

@@ -8,6 +8,7 @@ A shard whose Parquet already exists with the same cache key (input fingerprint 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pipeline.parquet_io import (
     read_stage_metadata,
     write_parquet_atomic,
 )
-from pipeline.shards import DecodedSample, ReadIssue, expand_shard_spec, read_shard, shard_id
+from pipeline.shards import IMAGE_EXTENSIONS, DecodedSample, ReadIssue, expand_shard_spec, read_shard, shard_id
 
 logger = logging.getLogger(__name__)
 EMBED_DIR = "embeddings"
@@ -40,7 +41,7 @@ class Chunk:
 
     shard: str
     rows: list[dict[str, Any]]
-    pixels: torch.Tensor | None  # stacked images of the rows whose status is ok, in row order
+    pixels: torch.Tensor | None  # stacked images of the ok rows whose image bytes are new in this shard, in order
     last: bool = False
 
 
@@ -58,11 +59,16 @@ class ShardResult:
 def _row(item: DecodedSample | ReadIssue) -> dict[str, Any]:
     if isinstance(item, ReadIssue):
         return {"key": item.key, "status": "error", "reason": item.reason, "detail": item.detail[:500],
-                "caption": None, "width": None, "height": None, "url": None, "uid": None}
+                "caption": None, "width": None, "height": None, "url": None, "uid": None, "image_sha256": None}
     meta = item.meta if isinstance(item.meta, dict) else {}
     return {"key": item.key, "status": "ok", "reason": None, "detail": None, "caption": item.caption,
             "width": item.width, "height": item.height,
-            "url": _as_text(meta.get("url")), "uid": _as_text(meta.get("uid"))}
+            "url": _as_text(meta.get("url")), "uid": _as_text(meta.get("uid")), "image_sha256": _image_digest(item)}
+
+
+def _image_digest(item: DecodedSample) -> str:
+    extension = next(ext for ext in IMAGE_EXTENSIONS if ext in item.raw.members)
+    return hashlib.sha256(item.raw.members[extension]).hexdigest()
 
 
 def _as_text(value: Any) -> str | None:
@@ -84,13 +90,16 @@ class ShardStream(IterableDataset):
     def _chunks(self, shard: str) -> Iterator[Chunk]:
         rows: list[dict[str, Any]] = []
         pixels: list[torch.Tensor] = []
+        seen: set[str] = set()  # image bytes already sent for this shard: the model runs once per distinct image
         for item in read_shard(shard, self.reader):
             row = _row(item)
-            if isinstance(item, DecodedSample):
+            if isinstance(item, DecodedSample) and row["image_sha256"] not in seen:
                 try:
                     pixels.append(self.transform(item.image))
+                    seen.add(row["image_sha256"])
                 except Exception as error:  # a transform failure is that sample's problem, not the run's
-                    row.update(status="error", reason="decode_error", detail=f"transform: {error}"[:500])
+                    row.update(status="error", reason="decode_error", detail=f"transform: {error}"[:500],
+                               image_sha256=None)
             rows.append(row)
             if len(rows) >= self.batch_size:
                 yield Chunk(shard, rows, torch.stack(pixels) if pixels else None)
@@ -121,7 +130,7 @@ def _embed_table(rows: list[dict[str, Any]], image_emb: np.ndarray, text_emb: np
                  dims: tuple[int, int]) -> pa.Table:
     ok = np.array([r["status"] == "ok" for r in rows], dtype=bool)
     columns: dict[str, Any] = {"shard": [shard] * len(rows)}
-    for name in ("key", "status", "reason", "detail", "caption", "width", "height", "url", "uid"):
+    for name in ("key", "status", "reason", "detail", "caption", "width", "height", "url", "uid", "image_sha256"):
         columns[name] = [r[name] for r in rows]
     table = pa.table(columns, schema=_base_schema())
     for name, emb, dim in (("image_emb", image_emb, dims[0]), ("text_emb", text_emb, dims[1])):
@@ -132,7 +141,8 @@ def _embed_table(rows: list[dict[str, Any]], image_emb: np.ndarray, text_emb: np
 def _base_schema() -> pa.Schema:
     return pa.schema([("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
                       ("reason", pa.string()), ("detail", pa.string()), ("caption", pa.string()),
-                      ("width", pa.int32()), ("height", pa.int32()), ("url", pa.string()), ("uid", pa.string())])
+                      ("width", pa.int32()), ("height", pa.int32()), ("url", pa.string()), ("uid", pa.string()),
+                      ("image_sha256", pa.string())])
 
 
 def _fixed_list(emb: np.ndarray, ok: np.ndarray, dim: int) -> pa.FixedSizeListArray:
@@ -150,6 +160,7 @@ class _ShardAccumulator:
         self.rows: list[dict[str, Any]] = []
         self.image: list[np.ndarray] = []
         self.text: list[np.ndarray] = []
+        self.by_digest: dict[str, np.ndarray] = {}  # image embedding per distinct image of this shard
 
     def add(self, rows: list[dict[str, Any]], image: np.ndarray, text: np.ndarray) -> None:
         self.rows.extend(rows)
@@ -166,10 +177,18 @@ class EmbedTimings:
     samples: int = 0
 
 
-def _encode_chunk(encoder: Encoder, chunk: Chunk, timings: EmbedTimings) -> tuple[np.ndarray, np.ndarray]:
-    captions = [r["caption"] for r in chunk.rows if r["status"] == "ok"]
+def _encode_chunk(encoder: Encoder, chunk: Chunk, acc: _ShardAccumulator,
+                  timings: EmbedTimings) -> tuple[np.ndarray, np.ndarray]:
+    ok_rows = [r for r in chunk.rows if r["status"] == "ok"]
+    captions = [r["caption"] for r in ok_rows]
     t0 = time.perf_counter()
-    image = encoder.encode_images(chunk.pixels).numpy() if chunk.pixels is not None else np.zeros((0, encoder.image_dim), np.float32)
+    if chunk.pixels is not None:
+        new = encoder.encode_images(chunk.pixels).numpy()
+        fresh = list(dict.fromkeys(r["image_sha256"] for r in ok_rows if r["image_sha256"] not in acc.by_digest))
+        if len(fresh) != len(new):  # worker and main process disagree on which images are new: never guess
+            raise RuntimeError(f"{chunk.shard}: {len(new)} images encoded for {len(fresh)} new digests")
+        acc.by_digest.update(zip(fresh, new))
+    image = np.stack([acc.by_digest[r["image_sha256"]] for r in ok_rows]) if ok_rows else np.zeros((0, encoder.image_dim), np.float32)
     t1 = time.perf_counter()
     text = encoder.encode_texts(captions).numpy() if captions else np.zeros((0, encoder.text_dim), np.float32)
     timings.image_model_s += t1 - t0
@@ -245,7 +264,7 @@ def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: Clea
     for chunk in _loader([t[0] for t in todo], encoder, config):
         timings.wait_s += time.perf_counter() - clock
         acc = pending.setdefault(chunk.shard, _ShardAccumulator())
-        acc.add(chunk.rows, *_encode_chunk(encoder, chunk, timings))
+        acc.add(chunk.rows, *_encode_chunk(encoder, chunk, acc, timings))
         timings.samples += len(chunk.rows)
         bar.update(len(chunk.rows))
         if chunk.last:

@@ -88,3 +88,19 @@ def test_rerun_skips_cached_shards_and_config_change_invalidates(shard_dir, tmp_
     assert not any(r.cached for r in third)
     frame = pl.read_parquet(str(tmp_path / "embeddings" / "*.parquet"))
     assert "caption_too_long" in frame["reason"].to_list()
+
+
+def test_repeated_images_are_encoded_once_per_shard(shard_dir, tmp_path):
+    from models.encoders import load_encoder
+
+    encoder = load_encoder("tiny", "cpu")
+    encoded = []
+    original = encoder.encode_images
+    encoder.encode_images = lambda pixels: (encoded.append(len(pixels)), original(pixels))[1]
+    embed_shards(_config(shard_dir, tmp_path), encoder=encoder)
+    frame = pl.read_parquet(str(tmp_path / "embeddings" / "*.parquet")).filter(pl.col("status") == "ok")
+    distinct = frame.select("shard", "image_sha256").unique().height
+    assert sum(encoded) == distinct < frame.height  # 2 captions per image: fewer model calls than rows
+    for _, group in frame.group_by("shard", "image_sha256"):
+        vectors = np.stack(group["image_emb"].to_numpy())
+        np.testing.assert_array_equal(vectors, np.repeat(vectors[:1], len(vectors), axis=0))

@@ -1,0 +1,240 @@
+"""Turn an image folder and an ``image,caption`` CSV into img2dataset-style WebDataset shards.
+
+This is the trusted preparation tool behind ``bicro-clean make-shards``: bad input (a missing image, an unreadable
+CSV row) is an error that names the row, not a recorded issue. Optional caption-level noise (`caption_noise`) gives
+benchmark shards with a known ground truth in each sample's ``KEY.json`` (``true_image``, ``truth_clean``).
+
+Output bytes are deterministic (fixed mtime/owner, sorted members, USTAR), so the same inputs and seed always give
+byte-identical shards and downstream caches stay valid.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.noise import caption_noise, noisy_count
+from pipeline.shards import IMAGE_EXTENSIONS
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "_make_shards.json"
+_SHARD_NAME = re.compile(r"^\d{5,}\.tar$")
+
+
+@dataclass(frozen=True)
+class CaptionRow:
+    line: int  # line of the CSV file the row ends on (header is line 1)
+    image: str
+    caption: str
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: str  # the image actually paired (after noise)
+    true_image: str
+    caption: str
+    caption_index: int  # 0-based index among the true image's captions, in CSV order
+    line: int
+
+
+def sample_key(shard: int, index: int, shard_size: int) -> str:
+    """img2dataset keys: 5-digit shard number + 4-digit index, the index field widened for larger shards."""
+    width = max(4, len(str(shard_size - 1)))
+    return f"{shard:05d}{index:0{width}d}"
+
+
+# --------------------------------------------------------------------------------------------------------- input
+
+
+def _parse_row(row: dict, line: int, source: Path) -> CaptionRow:
+    if None in row:
+        raise ValueError(f"{source}:{line}: more fields than the header (unquoted comma in a caption?)")
+    image, caption = row.get("image"), row.get("caption")
+    if image is None or caption is None:
+        raise ValueError(f"{source}:{line}: missing the image or caption field")
+    if not image.strip():
+        raise ValueError(f"{source}:{line}: empty image name")
+    if image.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", image):
+        raise ValueError(f"{source}:{line}: image name {image!r} leaves the images folder")
+    return CaptionRow(line, image, caption)
+
+
+def read_caption_rows(source: Path) -> list[CaptionRow]:
+    """All rows of an ``image,caption`` CSV; any unreadable row is an error naming its line."""
+    with open(source, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
+                raise ValueError(f"{source}: header must have columns image,caption, got {reader.fieldnames}")
+            return [_parse_row(row, reader.line_num, source) for row in reader]
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise ValueError(f"{source}:{reader.line_num + 1}: unreadable row: {error}") from error
+
+
+def _filter_split(rows: list[CaptionRow], split_file: Path | None, split: str | None) -> list[CaptionRow]:
+    if split_file is None and split is None:
+        return rows
+    if split_file is None or split is None:
+        raise ValueError("split_file and split go together")
+    splits = json.loads(Path(split_file).read_text())
+    if split not in splits:
+        raise ValueError(f"split {split!r} is not in {split_file} (it has {sorted(splits)})")
+    keep = set(splits[split])
+    kept = [row for row in rows if row.image in keep]
+    without_captions = len(keep - {row.image for row in kept})
+    if without_captions:
+        logger.warning("%d images of split %r have no caption in the CSV", without_captions, split)
+    return kept
+
+
+def _limit(rows: list[CaptionRow], limit_images: int | None) -> list[CaptionRow]:
+    if limit_images is None:
+        return rows
+    if limit_images < 1:
+        raise ValueError(f"limit_images must be >= 1, got {limit_images}")
+    keep = set(sorted({row.image for row in rows})[:limit_images])
+    return [row for row in rows if row.image in keep]
+
+
+def _check_images(rows: list[CaptionRow], images_dir: Path, source: Path) -> None:
+    checked: set[str] = set()
+    for row in rows:
+        if row.image in checked:
+            continue
+        checked.add(row.image)
+        extension = Path(row.image).suffix.lower().lstrip(".")
+        if extension not in IMAGE_EXTENSIONS:
+            raise ValueError(f"{source}:{row.line}: {row.image!r} is not one of {', '.join(IMAGE_EXTENSIONS)}")
+        if not (images_dir / row.image).is_file():
+            raise FileNotFoundError(f"{source}:{row.line}: image {row.image!r} not found in {images_dir}")
+
+
+def _pairs(rows: list[CaptionRow], noise_rate: float, noise_seed: int) -> list[Pair]:
+    """Order rows by (image name, CSV position), then give each caption its (possibly noisy) image."""
+    rows = sorted(rows, key=lambda row: (row.image, row.line))
+    names = sorted({row.image for row in rows})
+    index = {name: i for i, name in enumerate(names)}
+    true_image = np.array([index[row.image] for row in rows], dtype=np.int64)
+    assigned = caption_noise(true_image, noise_rate, noise_seed)
+    positions: dict[str, int] = {}
+    pairs = []
+    for row, image in zip(rows, assigned):
+        position = positions[row.image] = positions.get(row.image, -1) + 1
+        pairs.append(Pair(names[image], row.image, row.caption, position, row.line))
+    return pairs
+
+
+# -------------------------------------------------------------------------------------------------------- output
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    """Deterministic tar, written to a temp file and renamed so a crash never leaves half a shard."""
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for name in sorted(members):
+                tar.addfile(_tarinfo(name, len(members[name])), io.BytesIO(members[name]))
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _sample_members(key: str, pair: Pair, images_dir: Path) -> dict[str, bytes]:
+    extension = Path(pair.image).suffix.lower().lstrip(".")
+    meta = {"key": key, "image": pair.image, "true_image": pair.true_image, "caption_index": pair.caption_index,
+            "truth_clean": pair.image == pair.true_image, "csv_line": pair.line}
+    return {
+        f"{key}.{extension}": (images_dir / pair.image).read_bytes(),
+        f"{key}.txt": pair.caption.encode("utf-8"),
+        f"{key}.json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+    }
+
+
+def _chunks(pairs: list[Pair], size: int) -> Iterator[list[Pair]]:
+    for start in range(0, len(pairs), size):
+        yield pairs[start : start + size]
+
+
+def _write_shards(pairs: list[Pair], images_dir: Path, out_dir: Path, shard_size: int) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for shard, chunk in enumerate(_chunks(pairs, shard_size)):
+        members: dict[str, bytes] = {}
+        for index, pair in enumerate(chunk):
+            members.update(_sample_members(sample_key(shard, index, shard_size), pair, images_dir))
+        written.append(f"{shard:05d}.tar")
+        write_tar(out_dir / written[-1], members)
+    return written
+
+
+def _remove_stale(out_dir: Path, written: list[str]) -> list[str]:
+    """Shards of an earlier, larger run would be picked up by ``out/*.tar``: remove them."""
+    stale = sorted(p.name for p in out_dir.iterdir() if _SHARD_NAME.match(p.name) and p.name not in written)
+    for name in stale:
+        logger.warning("removing stale shard %s from an earlier run", out_dir / name)
+        (out_dir / name).unlink()
+    return stale
+
+
+def _select_rows(
+    captions_csv: Path, split_file: str | Path | None, split: str | None, limit: int | None
+) -> list[CaptionRow]:
+    rows = _limit(_filter_split(read_caption_rows(captions_csv), split_file, split), limit)
+    if not rows:
+        raise ValueError(f"{captions_csv}: no caption rows left after split/limit filtering")
+    return rows
+
+
+def _count_noisy(pairs: list[Pair], noise_rate: float) -> int:
+    noisy = sum(pair.image != pair.true_image for pair in pairs)
+    if noisy != noisy_count(len(pairs), noise_rate):  # caption_noise cannot corrupt a single caption
+        logger.warning("asked for %d noisy captions, got %d", noisy_count(len(pairs), noise_rate), noisy)
+    return noisy
+
+
+def make_shards(
+    images_dir: str | Path,
+    captions_csv: str | Path,
+    out_dir: str | Path,
+    shard_size: int = 1000,
+    split_file: str | Path | None = None,
+    split: str | None = None,
+    noise_rate: float = 0.0,
+    noise_seed: int = 0,
+    limit_images: int | None = None,
+) -> dict:
+    """Write ``00000.tar, 00001.tar, ...`` and ``_make_shards.json``; return the summary."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    images_dir, captions_csv, out_dir = Path(images_dir), Path(captions_csv), Path(out_dir)
+    rows = _select_rows(captions_csv, split_file, split, limit_images)
+    _check_images(rows, images_dir, captions_csv)
+    pairs = _pairs(rows, noise_rate, noise_seed)
+    written = _write_shards(pairs, images_dir, out_dir, shard_size)
+    summary = {"shards": len(written), "samples": len(pairs), "noisy": _count_noisy(pairs, noise_rate),
+               "out_dir": str(out_dir), "images": len({pair.true_image for pair in pairs}),
+               "shard_size": shard_size, "noise_rate": noise_rate, "noise_seed": noise_seed, "split": split,
+               "removed_stale": _remove_stale(out_dir, written)}
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    logger.info("wrote %d samples (%d noisy) in %d shards to %s", len(pairs), summary["noisy"], len(written), out_dir)
+    return summary

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny synthetic images and tar shards with arbitrary (also broken) members."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+from typing import Callable, Union
+
+import pytest
+from PIL import Image
+
+# A member is (name, bytes) for a regular file, or a ready TarInfo (directory, symlink, device...) without data.
+Member = Union[tuple[str, bytes], tarfile.TarInfo]
+
+
+def _regular(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)  # written as given: absolute and '..' names survive, unlike TarFile.add
+    info.size, info.mtime = size, 0
+    return info
+
+
+def tar_bytes(members: list[Member]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                tar.addfile(member)
+            else:
+                name, data = member
+                tar.addfile(_regular(name, len(data)), io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def header_offsets(data: bytes) -> dict[str, int]:
+    """Member name -> byte offset of its header in an uncompressed tar (to cut or corrupt there)."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return {info.name: info.offset for info in tar.getmembers()}
+
+
+def image_bytes(fmt: str = "PNG", mode: str = "RGB", size: tuple[int, int] = (16, 16), color=None, **save) -> bytes:
+    if color is None:
+        color = {"RGB": (200, 30, 30), "CMYK": (0, 200, 200, 0), "RGBA": (200, 30, 30, 128)}.get(mode, 100)
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+class ShardFactory:
+    """Writes tar shards under a temp folder; `write` takes members or raw (possibly broken) tar bytes."""
+
+    tar_bytes = staticmethod(tar_bytes)
+    header_offsets = staticmethod(header_offsets)
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def write(self, name: str, content: list[Member] | bytes, gzip_level: int | None = None) -> Path:
+        data = content if isinstance(content, bytes) else tar_bytes(content)
+        if gzip_level is not None:
+            data = gzip.compress(data, compresslevel=gzip_level, mtime=0)
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> ShardFactory:
+    return ShardFactory(tmp_path / "shards")
+
+
+@pytest.fixture
+def make_image() -> Callable[..., bytes]:
+    return image_bytes
+
+
+@pytest.fixture
+def good_sample(make_image) -> Callable[[str], list[Member]]:
+    """The members of one valid sample: KEY.jpg + KEY.txt."""
+
+    def members(key: str, caption: bytes = b"a red square") -> list[Member]:
+        return [(f"{key}.jpg", make_image("JPEG")), (f"{key}.txt", caption)]
+
+    return members

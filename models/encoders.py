@@ -17,6 +17,7 @@ Encoder specs (the string users pass on the CLI):
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -104,8 +105,10 @@ class TowersEncoder:
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        # channels_last: depthwise convolutions run ~1.7x faster on CPU (oneDNN) and faster on GPU too
+        pixels = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with _autocast(self.device, self.use_autocast):
-            features = self.image_model(pixels.to(self.device, non_blocking=True))
+            features = self.image_model(pixels)
         return _normalise(features).cpu()
 
     @torch.inference_mode()
@@ -174,6 +177,23 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def tune_cpu_allocator() -> None:
+    """Keep glibc from returning large activation buffers to the OS after every forward pass.
+
+    By default glibc serves allocations above 128 KiB with mmap and unmaps them on free, so every CNN forward
+    pays page faults for each activation: on the 2-core dev machine 65-74% of CPU time was kernel time and
+    EfficientNet-Lite0 ran 2x slower than with the buffers kept (measured: 9.7 s vs 4.7 s per 32 images).
+    No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
 def _state_digest(module: torch.nn.Module) -> str:
     """Cheap fingerprint of the weights, so the embedding cache notices a changed checkpoint."""
     h = hashlib.sha256()
@@ -194,6 +214,7 @@ def _efficientnet_lite0() -> tuple[torch.nn.Module, int, int]:
     model.load_state_dict(state)
     model._fc = torch.nn.Identity()  # keep the 1280-d pooled features, drop the classifier
     model._dropout = torch.nn.Identity()
+    model.set_swish(memory_efficient=False)  # the memory-efficient variant only pays off when training
     return model, 224, 1280
 
 
@@ -240,7 +261,7 @@ def load_towers(spec: str, device: torch.device, use_autocast: bool = True) -> T
     image_spec = parts[1] if len(parts) > 1 else ""
     text_spec = parts[2] if len(parts) > 2 else ""
     image_model, size, image_dim = _image_tower(image_spec)
-    image_model = image_model.eval().to(device)
+    image_model = image_model.eval().to(device, memory_format=torch.channels_last)
     text_model, text_dim = _text_tower(text_spec, device)
     digest = _state_digest(image_model) + _state_digest(text_model)
     return TowersEncoder(
@@ -305,6 +326,7 @@ def load_tiny(device: torch.device, seed: int = 0) -> OpenClipEncoder:
 def load_encoder(spec: str, device: str = "auto", use_autocast: bool = True) -> Encoder:
     """Build an encoder from its spec string (see module docstring)."""
     dev = resolve_device(device)
+    tune_cpu_allocator()
     kind = spec.split(":", 1)[0]
     if kind == "towers":
         return load_towers(spec, dev, use_autocast)

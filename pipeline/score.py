@@ -1,0 +1,192 @@
+"""Scoring stage: one shard's embeddings Parquet + the BiCro checkpoint -> `scores/<shard_id>.parquet`.
+
+Every ok row is scored, whether or not its shard was in the training sample; error rows keep their reader
+reason and get null scores. The Parquet is read in row batches, so memory is bounded by the batch plus one
+shard's score columns, never by the dataset. The scores file is cached on (embedding cache key, checkpoint
+hash): the keep-fraction cutoff pass and the decision/writing pass both read it instead of rescoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.embed import embedding_path
+from pipeline.parquet_io import (
+    digest,
+    file_sha256,
+    input_fingerprint,
+    join,
+    package_version,
+    read_stage_metadata,
+    write_parquet_atomic,
+)
+from pipeline.shards import shard_id
+
+logger = logging.getLogger(__name__)
+
+SCORE_DIR = "scores"
+CHECKPOINT_FILES = ("tensors.safetensors", "model.json")  # what BiCroModel.save writes; model.json last
+BATCH_ROWS = 4096
+FLOAT_SCORES = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score")
+ANCHOR_COLUMNS = {"anchor_key_i2t": "anchor_for_image", "anchor_key_t2i": "anchor_for_text"}
+BASE_COLUMNS = ("shard", "key", "status", "reason", "detail", "caption", "width", "height", "url", "uid")
+
+
+def scores_path(output: str, shard: str) -> str:
+    return join(output, SCORE_DIR, f"{shard_id(shard)}.parquet")
+
+
+def pair_key(shard: str, key: str) -> str:
+    """Run-wide name of a pair (anchor keys use it): keys alone may repeat across shards."""
+    return f"{shard_id(shard)}/{key}"
+
+
+def score_schema() -> pa.Schema:
+    fields = [pa.field(c, pa.int32() if c in ("width", "height") else pa.string()) for c in BASE_COLUMNS]
+    fields += [pa.field(c, pa.float32()) for c in FLOAT_SCORES]
+    fields += [pa.field(c, pa.string()) for c in ANCHOR_COLUMNS]
+    return pa.schema(fields + [pa.field("encoder_cosine", pa.float32())])
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def checkpoint_sha256(path: str) -> str:
+    """SHA-256 over the checkpoint folder's files (BiCroModel.save writes a folder, not one file).
+
+    Memoised on the files' size/mtime stamps: every shard task asks, and the checkpoint can be megabytes.
+    """
+    return _checkpoint_sha256(path, tuple(input_fingerprint(join(path, name)) for name in CHECKPOINT_FILES))
+
+
+@functools.lru_cache(maxsize=16)
+def _checkpoint_sha256(path: str, stamps: tuple[str, ...]) -> str:
+    files = {name: file_sha256(join(path, name)) for name in CHECKPOINT_FILES}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def local_checkpoint(path: str) -> Iterator[str]:
+    """The checkpoint folder on local disk: itself, or a temporary copy of a remote (fsspec) one."""
+    if "://" not in path:
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in CHECKPOINT_FILES:
+            with fsspec.open(join(path, name), "rb") as src, open(os.path.join(scratch, name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        yield scratch
+
+
+def load_model(checkpoint_path: str) -> Any:
+    """The fitted BiCro model on CUDA when present, else CPU."""
+    from models.bicro import BiCroModel
+
+    with local_checkpoint(checkpoint_path) as local:
+        return BiCroModel.load(local, device=device())
+
+
+def fixed_list_matrix(column: pa.Array) -> np.ndarray:
+    """(rows, dim) float32 view of a FixedSizeList column; null rows come back as whatever the slots hold."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    flat = column.values.to_numpy(zero_copy_only=False)
+    return flat[column.offset * dim:(column.offset + len(column)) * dim].reshape(len(column), dim)
+
+
+def _anchor_names(model: Any, index: np.ndarray) -> list[str | None]:
+    names = model.anchor_keys
+    return [names[i] if 0 <= i < len(names) else None for i in np.asarray(index, dtype=np.int64)]
+
+
+def score_batch(model: Any, batch: pa.RecordBatch, aligned: bool) -> dict[str, Any]:
+    """Score columns for one batch of embedding rows: full length, NaN / None on error rows."""
+    ok = np.asarray(batch.column("status").to_pylist(), dtype=object) == "ok"
+    out: dict[str, Any] = {c: np.full(batch.num_rows, np.nan, dtype=np.float32) for c in FLOAT_SCORES}
+    out.update({c: [None] * batch.num_rows for c in ANCHOR_COLUMNS})
+    out["encoder_cosine"] = np.full(batch.num_rows, np.nan, dtype=np.float32)
+    if not ok.any():
+        return out
+    image = fixed_list_matrix(batch.column("image_emb"))[ok]
+    text = fixed_list_matrix(batch.column("text_emb"))[ok]
+    keys = [pair_key(s, k) for s, k in zip(np.asarray(batch.column("shard").to_pylist())[ok],
+                                            np.asarray(batch.column("key").to_pylist())[ok])]
+    _fill(out, ok, model.score(image, text, keys=keys), model)
+    if aligned and image.shape[1] == text.shape[1]:
+        # raw cosine of the stored (L2-normalised) embeddings: what a CLIP-score rule would threshold
+        out["encoder_cosine"][ok] = np.einsum("ij,ij->i", image, text)
+    return out
+
+
+def _fill(out: dict[str, Any], ok: np.ndarray, scored: dict[str, np.ndarray], model: Any) -> None:
+    for column in FLOAT_SCORES:
+        out[column][ok] = np.asarray(scored[column], dtype=np.float32)
+    rows = np.flatnonzero(ok)
+    for column, index_name in ANCHOR_COLUMNS.items():
+        for row, name in zip(rows, _anchor_names(model, scored[index_name])):
+            out[column][row] = name
+
+
+def _batch_table(batch: pa.RecordBatch, scores: dict[str, Any]) -> pa.Table:
+    schema = score_schema()
+    arrays = [batch.column(c) for c in BASE_COLUMNS]
+    arrays += [pa.array(scores[c], type=pa.float32(), from_pandas=True) for c in FLOAT_SCORES]
+    arrays += [pa.array(scores[c], type=pa.string()) for c in ANCHOR_COLUMNS]
+    arrays.append(pa.array(scores["encoder_cosine"], type=pa.float32(), from_pandas=True))
+    return pa.Table.from_arrays([a.cast(f.type) for a, f in zip(arrays, schema)], schema=schema)
+
+
+def score_embeddings(model: Any, embedding_path: str, aligned: bool, batch_rows: int = BATCH_ROWS) -> pa.Table:
+    """Score every row of one embeddings Parquet, reading `batch_rows` rows at a time."""
+    columns = list(BASE_COLUMNS) + ["image_emb", "text_emb"]
+    parts = []
+    with fsspec.open(embedding_path, "rb") as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns):
+            parts.append(_batch_table(batch, score_batch(model, batch, aligned)))
+    return pa.concat_tables(parts) if parts else score_schema().empty_table()
+
+
+def encoder_info(embedding_path: str) -> dict[str, Any]:
+    meta = read_stage_metadata(embedding_path)
+    if meta is None:
+        raise FileNotFoundError(f"no embeddings at {embedding_path}: run the embed stage first")
+    return meta
+
+
+def score_cache_key(embedding_meta: dict[str, Any], checkpoint_sha: str) -> str:
+    return digest(embedding_meta.get("cache_key"), checkpoint_sha, package_version())
+
+
+def score_shard(shard: str, output: str, checkpoint_path: str, model: Any | None = None,
+                checkpoint_sha: str | None = None) -> str:
+    """Write (or reuse) `scores/<shard_id>.parquet` for one shard; returns its path."""
+    source, target = embedding_path(output, shard), scores_path(output, shard)
+    meta = encoder_info(source)
+    checkpoint_sha = checkpoint_sha or checkpoint_sha256(checkpoint_path)
+    key = score_cache_key(meta, checkpoint_sha)
+    if (read_stage_metadata(target) or {}).get("cache_key") == key:
+        logger.debug("score: %s cached", shard)
+        return target
+    model = model if model is not None else load_model(checkpoint_path)
+    table = score_embeddings(model, source, bool(meta["encoder"].get("aligned")))
+    write_parquet_atomic(table, target, {"stage": "score", "cache_key": key, "shard": shard,
+                                         "encoder": meta["encoder"], "checkpoint_sha256": checkpoint_sha,
+                                         "embedding_cache_key": meta.get("cache_key"),
+                                         "package_version": package_version()})
+    return target

@@ -1,0 +1,164 @@
+"""Keep/drop decisions from scores: pure functions on arrays, no IO.
+
+Two rules, both from the SelectConfig:
+
+- threshold: keep an ok row when its score column is >= threshold;
+- keep_fraction (DataComp vocabulary): keep the top fraction of all scored rows of the run, ranked by the
+  column (descending) with ties broken by (shard, key) ascending. The global cutoff is computed once from all
+  shards' score columns (`cutoff_from_columns`), so each shard then decides on its own, independently and
+  deterministically (`decide`).
+
+Every row gets a decision (keep / drop / error) and a reason code: nothing disappears without a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+KEEP, DROP, ERROR = "keep", "drop", "error"
+REASON_KEPT = "kept"
+REASON_NOISY = "noisy_division"
+REASON_BELOW_FRACTION = "below_keep_fraction"
+SCORE_COLUMNS = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score", "encoder_cosine")
+# Columns that are not BiCro's own opinion: a drop under them is reported as the rule, never as noisy_division.
+NON_BICRO_COLUMNS = ("encoder_cosine",)
+
+
+@dataclass(frozen=True)
+class Cutoff:
+    """The last kept row of the global ranking; a row is kept when it ranks at or before it."""
+
+    n_keep: int
+    n_scored: int
+    value: float = math.inf
+    shard: str = ""
+    key: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"n_keep": self.n_keep, "n_scored": self.n_scored, "value": self.value, "shard": self.shard,
+                "key": self.key}
+
+
+def low_reason(column: str) -> str:
+    return f"low_{column}"
+
+
+def check_column(column: str) -> None:
+    if column not in SCORE_COLUMNS:
+        raise ValueError(f"select.column must be one of {', '.join(SCORE_COLUMNS)}; got {column!r}")
+
+
+def n_to_keep(n_scored: int, fraction: float) -> int:
+    """Top fraction as a count; floor, so the kept share never exceeds the fraction asked for."""
+    return int(math.floor(fraction * n_scored + 1e-9))
+
+
+def _floats(values: np.ndarray) -> np.ndarray:
+    """As given when already floating (float32 score columns stay 4 bytes a row), else float64."""
+    values = np.asarray(values)
+    return values if np.issubdtype(values.dtype, np.floating) else values.astype(np.float64)
+
+
+def kth_largest(values: np.ndarray, k: int) -> float:
+    """The k-th largest finite value (1-based); NaN (unscored) values never rank."""
+    finite = values[~np.isnan(values)]
+    return float(np.partition(finite, len(finite) - k)[len(finite) - k])
+
+
+def cutoff_from_columns(values: np.ndarray, ties: Iterable[tuple[str, str]], fraction: float) -> Cutoff:
+    """The global cutoff from every scored row's value and the (shard, key) of rows tied at the cut value.
+
+    Two cheap passes make this bounded by one float per row: `values` are all scores of the run; `ties`
+    are the (shard, key) pairs whose value equals `cut_value(values, fraction)` (collected in a second pass).
+    """
+    values = _floats(values)
+    n_scored = int(np.count_nonzero(~np.isnan(values)))
+    n_keep = n_to_keep(n_scored, fraction)
+    if n_keep == 0:
+        return Cutoff(0, n_scored)
+    value = kth_largest(values, n_keep)
+    above = int(np.count_nonzero(values > value))
+    shard, key = sorted(ties)[n_keep - above - 1]
+    return Cutoff(n_keep, n_scored, value, shard, key)
+
+
+def cut_value(values: np.ndarray, fraction: float) -> float | None:
+    """The score value of the last kept row (None when nothing is kept): the rows to collect ties for."""
+    values = _floats(values)
+    n_keep = n_to_keep(int(np.count_nonzero(~np.isnan(values))), fraction)
+    return kth_largest(values, n_keep) if n_keep else None
+
+
+def cutoff_in_memory(values: np.ndarray, shards: np.ndarray, keys: np.ndarray, fraction: float) -> Cutoff:
+    """`cutoff_from_columns` when all rows fit in memory (tests, single-shard runs)."""
+    values = _floats(values)
+    cut = cut_value(values, fraction)
+    tied = np.flatnonzero(values == cut) if cut is not None else np.array([], dtype=np.int64)
+    return cutoff_from_columns(values, [(str(shards[i]), str(keys[i])) for i in tied], fraction)
+
+
+def keep_by_cutoff(values: np.ndarray, shards: np.ndarray, keys: np.ndarray, cutoff: Cutoff) -> np.ndarray:
+    """Rows ranking at or before the cutoff row: higher value, or equal value and (shard, key) not after it."""
+    values = np.asarray(values, dtype=np.float64)
+    if cutoff.n_keep == 0:
+        return np.zeros(len(values), dtype=bool)
+    kept = values > cutoff.value
+    for i in np.flatnonzero(values == cutoff.value):  # only tied rows need the (shard, key) comparison
+        kept[i] = (str(shards[i]), str(keys[i])) <= (cutoff.shard, cutoff.key)
+    return kept
+
+
+def keep_by_threshold(values: np.ndarray, threshold: float) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    return ~np.isnan(values) & (values >= threshold)
+
+
+def drop_reasons(column: str, p_clean: np.ndarray, clean_threshold: float, by_fraction: bool) -> np.ndarray:
+    """Why each row would be dropped: the mixture's noisy set first (BiCro columns), else the rule."""
+    rule = REASON_BELOW_FRACTION if by_fraction else low_reason(column)
+    reasons = np.full(len(p_clean), rule, dtype=object)
+    if column not in NON_BICRO_COLUMNS:
+        reasons[np.asarray(p_clean, dtype=np.float64) <= clean_threshold] = REASON_NOISY
+    return reasons
+
+
+def decide(ok: np.ndarray, error_reason: np.ndarray, values: np.ndarray, p_clean: np.ndarray,
+           shards: np.ndarray, keys: np.ndarray, *, column: str, threshold: float, clean_threshold: float,
+           cutoff: Cutoff | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(decision, reason) per row. `cutoff` switches from the threshold rule to the keep-fraction rule.
+
+    Error rows (`ok` False) keep the reader's reason code; their score values are ignored.
+    """
+    ok = np.asarray(ok, dtype=bool)
+    if cutoff is None:
+        kept = keep_by_threshold(values, threshold)
+    else:
+        kept = keep_by_cutoff(values, shards, keys, cutoff)
+    kept &= ok
+    reason = drop_reasons(column, p_clean, clean_threshold, cutoff is not None)
+    reason[kept] = REASON_KEPT
+    reason[~ok] = np.asarray(error_reason, dtype=object)[~ok]
+    decision = np.where(kept, KEEP, DROP).astype(object)
+    decision[~ok] = ERROR
+    return decision, reason
+
+
+def drop_details(reason: np.ndarray, values: np.ndarray, p_clean: np.ndarray, *, column: str, threshold: float,
+                 clean_threshold: float, cutoff: Cutoff | None = None) -> list[str | None]:
+    """A short human-readable why for each dropped row (None elsewhere), e.g. 'soft_label=0.31 < 0.5'."""
+    out: list[str | None] = [None] * len(reason)
+    for i, code in enumerate(reason):
+        if code == REASON_NOISY:
+            out[i] = f"p_clean={float(p_clean[i]):.4g} <= clean_threshold={clean_threshold:g}"
+        elif code == REASON_BELOW_FRACTION and cutoff is not None:
+            out[i] = f"{column}={float(values[i]):.4g} below the top {cutoff.n_keep} of {cutoff.n_scored}"
+        elif code == low_reason(column):
+            out[i] = f"{column}={float(values[i]):.4g} < threshold={threshold:g}"
+    return out

@@ -1,0 +1,240 @@
+"""Output writers: annotated/filtered Parquet, cleaned WebDataset shards, stats, keep keys, manifest.
+
+Everything is written atomically (temp file, then rename) and deterministically: no timestamps, tar members
+with mtime 0 and uid/gid 0, JSON with sorted keys, samples in input order. Rerunning a run therefore gives
+byte-identical files, and a crash never leaves a partial file under a final name.
+
+Cleaned shards are written per input shard (`<shard_id>-00000.tar`, `<shard_id>-00001.tar`, ...): each input
+shard's outputs depend on that shard alone (plus the global cutoff), so shards are independent tasks, a
+resumed run redoes only missing shards, and names never shift when another shard's kept count changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.parquet_io import atomic_output, join, write_parquet_atomic
+
+logger = logging.getLogger(__name__)
+
+TAR_BLOCK = tarfile.BLOCKSIZE
+TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks close an archive
+BICRO_JSON_KEY = "bicro"
+
+
+# ---------------------------------------------------------------- tar members
+
+
+def tar_info(name: str, size: int) -> tarfile.TarInfo:
+    """A member header with nothing machine- or time-dependent in it."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def member_bytes(name: str, size: int) -> int:
+    """Exact bytes a member takes in a PAX tar: its header(s) plus the data padded to whole blocks."""
+    header = len(tar_info(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    return header + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def json_with_scores(raw: bytes | None, scores: dict[str, Any]) -> bytes:
+    """The sample's JSON with `scores` under "bicro"; its other fields and their order are kept.
+
+    Only kept samples get here, and the reader turns a JSON that is not an object into an invalid_json error,
+    so parsing cannot lose anything.
+    """
+    doc = json_object(raw)
+    doc[BICRO_JSON_KEY] = scores
+    return json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def json_object(raw: bytes | None) -> dict[str, Any]:
+    """A sample JSON as a dict; {} when absent or not a JSON object (the reader records invalid_json)."""
+    try:
+        parsed = json.loads(raw) if raw is not None else {}
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def renamed_member(name: str, key: str, new_key: str) -> str:
+    """Member name under a new key: the key prefix is swapped, the extension part kept."""
+    return new_key + name[len(key):] if name.startswith(key) else f"{new_key}.{name.rsplit('.', 1)[-1]}"
+
+
+def sample_members(key: str, members: dict[str, bytes], names: dict[str, str], new_key: str,
+                   scores: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of one kept sample: every member byte for byte, except the JSON gets scores."""
+    out = []
+    for ext, data in members.items():
+        name = names.get(ext, f"{key}.{ext}")
+        if new_key != key:
+            name = renamed_member(name, key, new_key)
+        out.append((name, json_with_scores(data, scores) if ext == "json" else data))
+    if "json" not in members:
+        out.append((f"{new_key}.json", json_with_scores(None, scores)))
+    return out
+
+
+# ---------------------------------------------------------------- sharded tar writer
+
+
+class _HashingSink:
+    """Write-only file wrapper that hashes and counts what passes through (no re-read to fingerprint)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+
+@dataclass
+class OutputShard:
+    """One cleaned tar and its img2dataset-style stats."""
+
+    name: str  # e.g. "00003-00000" (input shard id, then output index)
+    path: str = ""
+    count: int = 0  # input samples attributed to this output shard (kept, dropped and failed)
+    successes: int = 0  # samples written into the tar
+    status: Counter = field(default_factory=Counter)  # reason code -> samples
+    renamed: list[dict[str, str]] = field(default_factory=list)
+    sha256: str = ""
+    bytes: int = 0
+
+    def stats(self, input_shard: str) -> dict[str, Any]:
+        return {"shard": self.name, "input_shard": input_shard, "count": self.count,
+                "successes": self.successes, "failed": self.count - self.successes,
+                "status_dict": dict(sorted(self.status.items())), "renamed_keys": self.renamed,
+                "sha256": self.sha256, "bytes": self.bytes}
+
+
+class ShardedTarWriter:
+    """Writes `<prefix>-NNNNN.tar` under `out_dir`, starting a new tar at `maxcount` samples or `maxsize` bytes.
+
+    Every input sample is `note`d (counted in the open tar's stats, img2dataset style); kept ones are also
+    `add`ed. The first tar is opened up front, so an input shard with nothing kept still gets one (empty)
+    tar and stats whose counts reconcile with its input.
+    """
+
+    def __init__(self, out_dir: str, prefix: str, maxcount: int, maxsize: int) -> None:
+        self.out_dir, self.prefix, self.maxcount, self.maxsize = out_dir, prefix, maxcount, maxsize
+        self.done: list[OutputShard] = []
+        self._stack: ExitStack | None = None
+        self._open_next()
+
+    def _open_next(self) -> None:
+        self.current = OutputShard(f"{self.prefix}-{len(self.done):05d}")
+        self.current.path = join(self.out_dir, f"{self.current.name}.tar")
+        self._payload = 0
+        self._stack = ExitStack()
+        tmp = self._stack.enter_context(atomic_output(self.current.path))
+        self._sink = _HashingSink(self._stack.enter_context(fsspec.open(tmp, "wb")))
+        self._tar = self._stack.enter_context(tarfile.open(fileobj=self._sink, mode="w|",
+                                                           format=tarfile.PAX_FORMAT, encoding="utf-8"))
+
+    def _close_current(self) -> None:
+        self._tar.close()  # writes the end blocks before the sink's totals are read
+        self.current.sha256, self.current.bytes = self._sink.sha.hexdigest(), self._sink.size
+        self._stack.close()  # closes the file and renames the temp file into place
+        self.done.append(self.current)
+
+    def _fits(self, size: int) -> bool:
+        if self.current.successes == 0:
+            return True  # a sample larger than maxsize still gets written, alone in its tar
+        # own tally, not the sink's: stream-mode tarfile buffers, so the sink lags behind
+        within_size = self._payload + size + TAR_END <= self.maxsize
+        return self.current.successes < self.maxcount and within_size
+
+    def note(self, reason: str) -> None:
+        self.current.count += 1
+        self.current.status[reason] += 1
+
+    def add(self, members: list[tuple[str, bytes]], renamed: dict[str, str] | None = None) -> str:
+        """Append one sample's members; returns the output shard name it went to."""
+        size = sum(member_bytes(n, len(d)) for n, d in members)
+        if not self._fits(size):
+            self._close_current()
+            self._open_next()
+        self._payload += size
+        for name, data in members:
+            self._tar.addfile(tar_info(name, len(data)), io.BytesIO(data))
+        self.current.successes += 1
+        if renamed:
+            self.current.renamed.append(renamed)
+        return self.current.name
+
+    def abort(self) -> None:
+        """Drop the open tar's temp file (an exception in the caller must not publish a partial shard)."""
+        if self._stack is not None:
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def close(self, input_shard: str) -> list[OutputShard]:
+        """Finish the open tar and write every tar's `<name>_stats.json`."""
+        self._close_current()
+        self._stack = None
+        for shard in self.done:
+            write_json_atomic(join(self.out_dir, f"{shard.name}_stats.json"), shard.stats(input_shard))
+        return self.done
+
+
+# ---------------------------------------------------------------- JSON and Parquet outputs
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as fh:
+        fh.write(json_bytes(obj))
+
+
+def read_json(path: str) -> Any | None:
+    try:
+        with fsspec.open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+
+
+def write_annotated(table: pa.Table, annotated_path: str, filtered_path: str, meta: dict[str, Any]) -> None:
+    """The full per-sample table and its kept rows (exactly `annotated[decision == 'keep']`)."""
+    write_parquet_atomic(table, annotated_path, meta)
+    write_parquet_atomic(kept_rows(table), filtered_path, meta)
+
+
+def kept_rows(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table["decision"], "keep"))
+
+
+def write_keep_keys(filtered_paths: Iterable[str], path: str) -> int:
+    """(shard, key) of every kept sample, streamed one filtered file at a time; returns the row count."""
+    schema = pa.schema([("shard", pa.string()), ("key", pa.string())])
+    rows = 0
+    with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as fh:
+        with pq.ParquetWriter(fh, schema, compression="zstd") as writer:
+            for filtered in filtered_paths:
+                with fsspec.open(filtered, "rb") as src:
+                    part = pq.read_table(src, columns=["shard", "key"]).cast(schema)
+                writer.write_table(part)
+                rows += part.num_rows
+    return rows

@@ -1,0 +1,200 @@
+"""End to end on tiny shards: every input sample gets a row, outputs agree, reruns are byte-identical."""
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import CleanConfig
+from pipeline.make_shards import make_shards
+from pipeline.run import run_pipeline, sample_positions
+from pipeline.score import score_embeddings
+
+TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
+OUTPUT_DIRS = ("scores", "annotated", "filtered", "shards", "results")
+
+
+def _png(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _extra_shard(path):
+    """A key that 00000.tar also has (must be renamed), an undecodable image, a sample without caption."""
+    members = [("000000000.png", _png("red")), ("000000000.txt", b"a red square"),
+               ("bad.jpg", b"<html>not an image</html>"), ("bad.txt", b"broken"), ("nocap.png", _png("blue"))]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    with open(root / "captions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "caption"])
+        for i in range(8):
+            Image.new("RGB", (16, 16), (30 * i, 255 - 30 * i, 70 * i % 256)).save(root / "images" / f"im{i}.png")
+            writer.writerow([f"im{i}.png", f"a picture number {i}"])
+            writer.writerow([f"im{i}.png", f"colour {i}"])
+    make_shards(root / "images", root / "captions.csv", root / "shards", shard_size=6, noise_rate=0.25)
+    _extra_shard(root / "shards" / "extra.tar")
+    return root / "shards"
+
+
+def _config(shard_dir, output, **sections):
+    base = {"input": str(shard_dir / "*.tar"), "output": str(output),
+            "embed": {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False},
+            "bicro": TINY_BICRO, "select": {"keep_fraction": 0.5}, "out": {"maxcount": 2}}
+    for name, values in sections.items():
+        base[name] = {**base[name], **values}
+    return CleanConfig.model_validate(base)
+
+
+def _hashes(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(shard_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    summary = run_pipeline(_config(shard_dir, out))
+    return out, summary
+
+
+def test_every_input_sample_has_a_row_and_counts_reconcile(run):
+    out, summary = run
+    annotated = pl.read_parquet(str(out / "annotated" / "*.parquet"))
+    assert annotated.height == 16 + 3 == summary["in"]
+    assert summary["kept"] + summary["dropped"] + summary["errors"] == summary["in"]
+    assert summary["kept"] == 8  # keep_fraction 0.5 of the 16 scored pairs (17 with the duplicate key)
+    errors = annotated.filter(pl.col("decision") == "error")
+    assert sorted(errors["reason"].to_list()) == ["decode_error", "missing_caption"]
+    assert errors["soft_label"].null_count() == 2 and errors["detail"].null_count() == 0
+    dropped = annotated.filter(pl.col("decision") == "drop")
+    assert set(dropped["reason"]) <= {"noisy_division", "below_keep_fraction"} and dropped.height > 0
+    assert annotated.filter(pl.col("decision") == "keep")["reason"].unique().to_list() == ["kept"]
+    assert annotated["truth_clean"].null_count() == 3  # only the hand-made shard has no ground truth
+    assert annotated.filter(pl.col("decision") != "error")["encoder_cosine"].null_count() == 0  # tiny is aligned
+
+
+def test_filtered_equals_annotated_kept_rows(run):
+    out, _ = run
+    for path in sorted((out / "annotated").glob("*.parquet")):
+        annotated = pl.read_parquet(path)
+        filtered = pl.read_parquet(out / "filtered" / path.name)
+        assert filtered.equals(annotated.filter(pl.col("decision") == "keep"))
+    keep_keys = pl.read_parquet(out / "keep_keys.parquet")
+    assert keep_keys.height == pl.read_parquet(str(out / "filtered" / "*.parquet")).height
+
+
+def test_manifest_lists_every_output_with_its_hash(run):
+    out, summary = run
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["kept"] + counts["dropped"] + counts["errors"] == counts["in"] == sum(counts["by_reason"].values())
+    assert len(manifest["inputs"]) == 4 and all(i["fingerprint"] for i in manifest["inputs"])
+    for entry in manifest["outputs"]:
+        assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+    tars = [o for o in manifest["outputs"] if o["kind"] == "tar"]
+    assert sum(t["count"] for t in tars) == counts["kept"]
+    stats = [o for o in manifest["outputs"] if o["kind"] == "stats"]
+    assert sum(s["count"] for s in stats) == counts["in"]  # every input sample is attributed to one output tar
+
+
+def test_cleaned_shards_load_in_webdataset_with_original_bytes(run, shard_dir):
+    out, _ = run
+    original = {}
+    for path in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            original.update({(path.name, m.name): tar.extractfile(m).read() for m in tar.getmembers()})
+    annotated = pl.read_parquet(str(out / "annotated" / "*.parquet")).filter(pl.col("decision") == "keep")
+    urls = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == annotated.height
+    by_key = {row["output_key"]: row for row in annotated.iter_rows(named=True)}
+    for sample in samples:
+        row = by_key[sample["__key__"]]
+        shard_name = row["shard"].rsplit("/", 1)[-1]
+        image_ext = "png" if "png" in sample else "jpg"
+        assert sample[image_ext] == original[(shard_name, f"{row['key']}.{image_ext}")]
+        assert sample["txt"] == original[(shard_name, f"{row['key']}.txt")]
+        bicro = json.loads(sample["json"])["bicro"]
+        assert bicro["soft_label"] == pytest.approx(row["soft_label"])
+
+
+def test_duplicate_key_across_shards_is_renamed_and_recorded(run):
+    out, _ = run
+    annotated = pl.read_parquet(str(out / "annotated" / "*.parquet"))
+    dup = annotated.filter(pl.col("key") == "000000000")
+    assert dup.height == 2
+    assert all(k != "000000000" and k.endswith("_000000000") for k in dup["output_key"])
+    assert dup["output_key"].n_unique() == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept = dup.filter(pl.col("decision") == "keep")
+    assert sorted(r["output_key"] for r in manifest["renamed_keys"]) == sorted(kept["output_key"])
+
+
+def test_rerun_is_byte_identical_and_regenerated_outputs_too(run, shard_dir):
+    out, _ = run
+    before = _hashes(out)
+    again = run_pipeline(_config(shard_dir, out))
+    assert again["cached_shards"] == 4 and _hashes(out) == before
+    for name in OUTPUT_DIRS:  # regenerate everything after the fit from the same checkpoint
+        shutil.rmtree(out / name)
+    (out / "manifest.json").unlink()
+    run_pipeline(_config(shard_dir, out))
+    assert _hashes(out) == before
+
+
+def test_changed_output_settings_redo_shards_and_remove_stale_tars(run, shard_dir, tmp_path):
+    out, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    summary = run_pipeline(_config(shard_dir, copy, out={"maxcount": 100, "keep_embeddings": True}))
+    assert summary["cached_shards"] == 0
+    assert len(list((copy / "shards").glob("*.tar"))) == 4  # one per input shard, stale -00001.tar removed
+    annotated = pl.read_parquet(str(copy / "annotated" / "*.parquet"))
+    assert annotated.schema["image_emb"] == pl.Array(pl.Float32, 64)
+
+
+class _FakeModel:
+    """Deterministic per pair, like the real one: scores depend only on the pair's own embeddings."""
+
+    anchor_keys = ["s/a", "s/b"]
+
+    def score(self, image, text, keys=None):
+        value = (image[:, 0] + 1) / 2
+        return {**{c: value for c in ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score")},
+                "anchor_for_image": np.zeros(len(image), np.int64), "anchor_for_text": np.full(len(image), -1)}
+
+
+def test_scoring_in_small_batches_gives_the_same_table(run):
+    out, _ = run
+    path = str(sorted((out / "embeddings").glob("extra*.parquet"))[0])
+    small = score_embeddings(_FakeModel(), path, aligned=True, batch_rows=2)
+    assert small.equals(score_embeddings(_FakeModel(), path, aligned=True))
+    assert small["anchor_key_i2t"].to_pylist()[0] == "s/a" and small["anchor_key_t2i"].null_count == 3
+    assert small.schema.field("soft_label").type == pa.float32() and small["soft_label"].null_count == 2
+
+
+def test_fit_sample_is_seeded_uniform_and_within_each_file():
+    a = sample_positions([5, 0, 7, 3], 6, seed=1)
+    assert [p.tolist() for p in a] == [p.tolist() for p in sample_positions([5, 0, 7, 3], 6, seed=1)]
+    assert sum(len(p) for p in a) == 6 and all(((p >= 0) & (p < n)).all() for p, n in zip(a, [5, 0, 7, 3]))
+    assert [len(p) for p in sample_positions([5, 2], 0, seed=1)] == [5, 2]  # 0 = every pair

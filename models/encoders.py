@@ -18,11 +18,13 @@ Encoder specs (the string users pass on the CLI):
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -323,8 +325,24 @@ def load_tiny(device: torch.device, seed: int = 0) -> OpenClipEncoder:
         return load_open_clip(TINY_MODEL_NAME, None, device, use_autocast=False, spec="tiny")
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def shared_encoder(spec: str, device: str = "auto", use_autocast: bool = True) -> Encoder:
+    """One encoder per process and spec: tasks running in threads of one worker share the weights."""
+    return load_encoder(spec, device, use_autocast)
+
+
 def load_encoder(spec: str, device: str = "auto", use_autocast: bool = True) -> Encoder:
     """Build an encoder from its spec string (see module docstring)."""
+    # Seeded random init (tiny) goes through torch's global RNG: two threads loading at once would interleave
+    # draws and get different weights. Loading is rare and slow anyway, so serialise it.
+    with _LOAD_LOCK:
+        return _load_encoder(spec, device, use_autocast)
+
+
+def _load_encoder(spec: str, device: str, use_autocast: bool) -> Encoder:
     dev = resolve_device(device)
     tune_cpu_allocator()
     kind = spec.split(":", 1)[0]

@@ -107,3 +107,115 @@ def embed_cmd(
     totals = {k: sum(getattr(r, k) for r in results) for k in ("samples", "embedded", "errors")}
     totals.update(shards=len(results), cached=sum(r.cached for r in results))
     typer.echo(json.dumps(totals))
+
+
+def _run_overrides(**flags: Any) -> dict[str, Any]:
+    names = {"input": "input", "out": "output", "encoder": "embed.encoder", "workers": "embed.num_workers",
+             "device": "embed.device", "threshold": "select.threshold", "column": "select.column",
+             "keep_fraction": "select.keep_fraction", "keep_embeddings": "out.keep_embeddings",
+             "maxcount": "out.maxcount", "maxsize": "out.maxsize", "fit_sample": "bicro.fit_sample",
+             "epochs": "bicro.epochs", "allow_pipe": "reader.allow_pipe", "runner": "runner.kind",
+             "dask_address": "runner.dask_address", "runner_workers": "runner.workers"}
+    return {names[k]: v for k, v in flags.items()}
+
+
+@app.command("run")
+def run_cmd(
+    input: Optional[list[str]] = typer.Option(None, "--input", "-i", help="Shard spec (repeatable)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (local or fsspec URL)."),
+    encoder: Optional[str] = typer.Option(None, help="towers | open_clip:MODEL:TAG_OR_PATH | tiny"),
+    workers: Optional[int] = typer.Option(None, help="Decode worker processes."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    column: Optional[str] = typer.Option(None, help="Score column the selection rule uses (default soft_label)."),
+    threshold: Optional[float] = typer.Option(None, help="Keep rows whose column >= threshold."),
+    keep_fraction: Optional[float] = typer.Option(None, help="Keep this top fraction instead of a threshold."),
+    keep_embeddings: Optional[bool] = typer.Option(None, "--keep-embeddings/--no-keep-embeddings"),
+    maxcount: Optional[int] = typer.Option(None, help="Samples per cleaned output shard."),
+    maxsize: Optional[int] = typer.Option(None, help="Bytes per cleaned output shard."),
+    fit_sample: Optional[int] = typer.Option(None, help="Fit BiCro on this many sampled pairs (0 = all)."),
+    epochs: Optional[int] = typer.Option(None, help="BiCro training epochs."),
+    allow_pipe: Optional[bool] = typer.Option(None, "--allow-pipe/--no-allow-pipe", help="Allow pipe: URLs."),
+    runner: Optional[str] = typer.Option(None, help="local (default) | dask | ray | none (no Prefect)."),
+    dask_address: Optional[str] = typer.Option(None, help="tcp://scheduler:8786 (else a LocalCluster)."),
+    runner_workers: Optional[int] = typer.Option(None, help="Concurrent tasks / LocalCluster workers."),
+    config_file: Optional[Path] = ConfigOpt,
+) -> None:
+    """The whole pipeline: embed -> fit BiCro -> score -> decide -> Parquet, cleaned shards, report.
+
+    Runs the `clean-shards` Prefect flow in this process (ephemeral API, no server needed)."""
+    cfg = build_config(config_file, _run_overrides(
+        input=input or None, out=out, encoder=encoder, workers=workers, device=device, column=column,
+        threshold=threshold, keep_fraction=keep_fraction, keep_embeddings=keep_embeddings, maxcount=maxcount,
+        maxsize=maxsize, fit_sample=fit_sample, epochs=epochs, allow_pipe=allow_pipe, runner=runner,
+        dask_address=dask_address, runner_workers=runner_workers))
+    typer.echo(json.dumps(run_with_runner(cfg), indent=2, default=str))
+
+
+def run_with_runner(cfg: CleanConfig) -> dict[str, Any]:
+    """`runner.kind == none` runs the stages directly; anything else goes through the Prefect flow."""
+    if cfg.runner.kind == "none":
+        from pipeline.run import run_pipeline
+
+        return run_pipeline(cfg)
+    from flows.clean_shards import run_flow
+
+    return run_flow(cfg)
+
+
+@app.command("serve")
+def serve_cmd(name: str = typer.Option("local", help="Deployment name: clean-shards/<name>.")) -> None:
+    """Serve the `clean-shards/<name>` deployment from this process (needs PREFECT_API_URL of a server)."""
+    from flows.clean_shards import clean_shards
+
+    clean_shards.serve(name=name)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    data: Path = typer.Option(Path("../shared/data/flickr8k"), exists=True, file_okay=False,
+                              help="Flickr8k folder (images/, captions.csv, splits.json)."),
+    noise_rate: float = typer.Option(0.4, min=0.0, max=1.0),
+    seed: int = typer.Option(0),
+    methods: str = typer.Option("bicro,ncr,vanilla,oracle", help="Comma-separated subset."),
+    out: Path = typer.Option(Path("results.json")),
+    cache_dir: Path = typer.Option(Path(".cache/bicro-clean"), help="Where benchmark embeddings are cached."),
+    device: str = typer.Option("cpu"),
+    config_file: Optional[Path] = ConfigOpt,
+) -> None:
+    """Noise detection and retrieval of BiCro vs NCR vs vanilla vs oracle on Flickr8k (towers embeddings)."""
+    from models.bicro import BiCroParams
+    from pipeline.evaluate import evaluate
+
+    section = load_yaml(config_file).get("bicro", {}) if config_file else {}
+    params = BiCroParams.from_dict(section)
+    result = evaluate(data, noise_rate, seed, [m.strip() for m in methods.split(",") if m.strip()],
+                      out, cache_dir, params, device)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command("bench")
+def bench_cmd(
+    out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON figures."),
+    pairs: int = typer.Option(512, min=8, help="Pairs in the embedding benchmark."),
+    data: Path = typer.Option(Path("../shared/data/flickr8k"), help="Real JPEGs when present."),
+) -> None:
+    """Embedding-stage throughput and the share of time in decode vs model (prints figures)."""
+    from pipeline.bench import markdown_table, run_embed_benchmark
+
+    result = run_embed_benchmark(pairs, data)
+    out.write_text(json.dumps(result, indent=2))
+    typer.echo(json.dumps(result, indent=2))
+    typer.echo(markdown_table(result))
+
+
+@app.command("demo")
+def demo_cmd(
+    data: Path = typer.Option(Path("../shared/data/flickr8k"), help="Flickr8k folder (images/, captions.csv)."),
+    out: Path = typer.Option(Path("demo-out"), help="Where shards and results go."),
+    images: int = typer.Option(400, min=10, help="How many training images (5 captions each)."),
+    noise_rate: float = typer.Option(0.4, min=0.0, max=0.9, help="Injected caption noise."),
+) -> None:
+    """Offline end-to-end demo: Flickr8k shards with injected noise -> towers embeddings -> BiCro -> outputs."""
+    from pipeline.demo import run_demo
+
+    typer.echo(run_demo(data, out, images, noise_rate))

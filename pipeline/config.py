@@ -41,6 +41,10 @@ class EmbedConfig(_Section):
     batch_size: int = Field(64, gt=0)
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images.")
     autocast: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    threads: int = Field(
+        0, ge=0, description="torch threads for the model; 0 = every core this process may use. Set explicitly "
+        "because Dask workers default to 1 and float results depend on the thread count."
+    )
     progress: bool = Field(True, description="Show a progress bar.")
 
 
@@ -59,6 +63,10 @@ class BiCroConfig(_Section):
     clean_threshold: float = Field(0.5, ge=0, le=1, description="delta: p_clean above this is the clean set.")
     noisy_label_threshold: float = Field(0.5, ge=0, le=1, description="tau: noisy-set labels at or below are 0.")
     anchor_top_k: int = Field(0, ge=0, description="0 = every clean pair is an anchor; K = the K most confident.")
+    threads: int = Field(
+        2, ge=0, description="torch/faiss threads in fit and score. Fixed, not 'all cores': float sums depend on "
+        "the thread count, and outputs must be identical whichever machine or runner does the work. 0 = inherit."
+    )
     fit_sample: int = Field(0, ge=0, description="Fit on this many pairs sampled from all shards (0 = all).")
 
 
@@ -74,6 +82,18 @@ class OutputConfig(_Section):
     maxsize: int = Field(3_000_000_000, gt=0, description="Bytes per cleaned output shard.")
 
 
+class RunnerConfig(_Section):
+    """Where the flow's tasks run. Changes speed, never outputs: excluded from every output hash."""
+
+    kind: Literal["local", "dask", "ray", "none"] = Field(
+        "local", description="local: Prefect threads; dask: prefect-dask; ray: prefect-ray; none: no Prefect."
+    )
+    workers: int = Field(2, gt=0, description="Concurrent tasks (local threads or LocalCluster workers).")
+    processes: bool = Field(False, description="local runner: processes instead of threads.")
+    dask_address: str | None = Field(None, description="tcp://scheduler:8786; a LocalCluster when empty.")
+    ray_address: str | None = Field(None, description="ray://head:10001; a local Ray when empty.")
+
+
 class CleanConfig(_Section):
     """Everything a cleaning run needs. Only ``input`` and ``output`` have no default."""
 
@@ -84,6 +104,7 @@ class CleanConfig(_Section):
     bicro: BiCroConfig = BiCroConfig()
     select: SelectConfig = SelectConfig()
     out: OutputConfig = OutputConfig()
+    runner: RunnerConfig = RunnerConfig()
 
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:

@@ -19,9 +19,10 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from models.encoders import Encoder, load_encoder, set_offline_env
+from models.encoders import Encoder, load_encoder, set_offline_env, shared_encoder
 from pipeline.config import CleanConfig, ReaderConfig
 from pipeline.parquet_io import (
+    cpu_threads,
     digest,
     input_fingerprint,
     join,
@@ -114,7 +115,7 @@ def _worker_init(_: int) -> None:
 
 def cache_key(shard: str, encoder: Encoder, config: CleanConfig) -> str:
     return digest(input_fingerprint(shard), encoder.describe(), config.reader.digest(),
-                  config.embed.model_dump(exclude={"device", "num_workers", "progress", "batch_size"}))
+                  config.embed.model_dump(exclude={"device", "num_workers", "progress", "batch_size", "threads"}))
 
 
 def embedding_path(output: str, shard: str) -> str:
@@ -228,15 +229,24 @@ def _cached_result(shard: str, path: str) -> ShardResult:
 def _loader(shards: list[str], encoder: Encoder, config: CleanConfig) -> DataLoader:
     workers = min(config.embed.num_workers, len(shards))
     stream = ShardStream(shards, config.reader, encoder.image_transform(), config.embed.batch_size)
+    # Own generator: DataLoader otherwise draws its worker base seed from torch's global RNG, which would
+    # disturb a seeded model init running in another thread of the same process (and vice versa).
     return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def _prepare_process(config: CleanConfig) -> None:
+    if not config.embed.encoder.startswith("open_clip"):
+        set_offline_env()  # only an explicitly requested open_clip hub model may reach the network
+    # The same thread count on every runner: a Dask worker starts with 1 and sums would differ in the last bit.
+    torch.set_num_threads(config.embed.threads or cpu_threads())
 
 
 def embed_shards(config: CleanConfig, encoder: Encoder | None = None,
                  timings: EmbedTimings | None = None) -> list[ShardResult]:
     """Embed every shard of `config.input` into `config.output/embeddings/`, skipping cached shards."""
-    if not config.embed.encoder.startswith("open_clip"):
-        set_offline_env()  # only an explicitly requested open_clip hub model may reach the network
+    _prepare_process(config)
     encoder = encoder or load_encoder(config.embed.encoder, config.embed.device, config.embed.autocast)
     timings = timings or EmbedTimings()
     results, todo = [], []
@@ -279,9 +289,8 @@ def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: Clea
 
 def embed_one_shard(shard: str, config: CleanConfig, encoder: Encoder | None = None) -> ShardResult:
     """Embed a single shard (the unit a distributed task runner maps over); cached like embed_shards."""
-    if not config.embed.encoder.startswith("open_clip"):
-        set_offline_env()
-    encoder = encoder or load_encoder(config.embed.encoder, config.embed.device, config.embed.autocast)
+    _prepare_process(config)
+    encoder = encoder or shared_encoder(config.embed.encoder, config.embed.device, config.embed.autocast)
     path, key = embedding_path(config.output, shard), cache_key(shard, encoder, config)
     if _is_cached(path, key):
         return _cached_result(shard, path)

@@ -73,7 +73,7 @@ CHECKPOINT_DIR, ANNOTATED_DIR, FILTERED_DIR, SHARDS_DIR, RESULTS_DIR = (
     "checkpoint", "annotated", "filtered", "shards", "results")
 KEEP_KEYS, MANIFEST = "keep_keys.parquet", "manifest.json"
 # Embed settings that change speed, not results (the embed cache ignores them too).
-_RUNTIME_ONLY = {"device", "num_workers", "progress", "batch_size"}
+_RUNTIME_ONLY = {"device", "num_workers", "progress", "batch_size", "threads"}
 
 
 # ---------------------------------------------------------------- run-wide helpers
@@ -81,7 +81,8 @@ _RUNTIME_ONLY = {"device", "num_workers", "progress", "batch_size"}
 
 def config_hash(config: CleanConfig) -> str:
     """Hash of everything that shapes the outputs; not input/output paths (inputs are fingerprinted apart)."""
-    return digest(config.model_dump(mode="json", exclude={"input": True, "output": True, "embed": _RUNTIME_ONLY}))
+    return digest(config.model_dump(mode="json", exclude={"input": True, "output": True, "runner": True,
+                                                           "embed": _RUNTIME_ONLY}))
 
 
 def input_shards(config: CleanConfig) -> list[str]:
@@ -444,7 +445,7 @@ def manifest(config: CleanConfig, shard_results: list[dict[str, Any]], checkpoin
     """The run's record: inputs, every output with its hash, counts, renamed keys, config and checkpoint."""
     return {
         "package_version": package_version(), "config_hash": config_hash(config), "checkpoint": checkpoint,
-        "config": config.model_dump(mode="json", exclude={"output": True, "embed": _RUNTIME_ONLY}),
+        "config": config.model_dump(mode="json", exclude={"output": True, "runner": True, "embed": _RUNTIME_ONLY}),
         "cutoff": next((r["cutoff"] for r in shard_results), None),
         "inputs": [{"url": r["shard"], "shard_id": r["shard_id"], "fingerprint": r["fingerprint"]}
                    for r in shard_results],
@@ -466,7 +467,20 @@ def finalize_stage(config: CleanConfig, shard_results: list[dict[str, Any]],
     return path
 
 
-def _write_report(config: CleanConfig, manifest_path: str) -> Any:
+def load_shard_result(config: CleanConfig, sid: str) -> dict[str, Any]:
+    """The per-shard result a finished `score_shard_stage` left in OUTPUT/results/ (how tasks hand over work)."""
+    result = read_json(join(config.output, RESULTS_DIR, f"{sid}.json"))
+    if result is None:
+        raise FileNotFoundError(f"no result for shard {sid}: its write stage has not finished")
+    return {**result, "cached": True}
+
+
+def check_run_config(config: CleanConfig) -> None:
+    """Fail before any work on what can be checked without data."""
+    select.check_column(config.select.column)
+
+
+def write_report_if_available(config: CleanConfig, manifest_path: str) -> Any:
     """The HTML report, when pipeline.report exists (it is optional; its own import errors still surface)."""
     if importlib.util.find_spec("pipeline.report") is None:
         return None
@@ -497,7 +511,7 @@ def run_pipeline(config: CleanConfig) -> dict[str, Any]:
     duplicates = duplicate_keys(embeddings)
     results = [score_shard_stage(config, s, checkpoint, cutoff, duplicates, model) for s in shards]
     manifest = finalize_stage(config, results, checkpoint)
-    report = _write_report(config, manifest)
+    report = write_report_if_available(config, manifest)
     return {"output": config.output, "manifest": manifest, "checkpoint": checkpoint, "report": report,
             "shards": len(results), "cached_shards": sum(r["cached"] for r in results),
             **total_counts(results)}

@@ -84,3 +84,32 @@ def good_sample(make_image) -> Callable[[str], list[Member]]:
         return [(f"{key}.jpg", make_image("JPEG")), (f"{key}.txt", caption)]
 
     return members
+
+
+def _extra_shard(path: Path) -> None:
+    """A key that 00000.tar also has (must be renamed), an undecodable image, a sample without caption."""
+    red, blue = image_bytes("PNG", color="red"), image_bytes("PNG", color="blue")
+    members = [("000000000.png", red), ("000000000.txt", b"a red square"),
+               ("bad.jpg", b"<html>not an image</html>"), ("bad.txt", b"broken"), ("nocap.png", blue)]
+    path.write_bytes(tar_bytes(members))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """3 make_shards shards (8 images x 2 captions, 25% caption noise) + one shard with broken samples."""
+    import csv
+
+    from pipeline.make_shards import make_shards
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    (root / "images").mkdir()
+    with open(root / "captions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "caption"])
+        for i in range(8):
+            Image.new("RGB", (16, 16), (30 * i, 255 - 30 * i, 70 * i % 256)).save(root / "images" / f"im{i}.png")
+            writer.writerow([f"im{i}.png", f"a picture number {i}"])
+            writer.writerow([f"im{i}.png", f"colour {i}"])
+    make_shards(root / "images", root / "captions.csv", root / "shards", shard_size=6, noise_rate=0.25)
+    _extra_shard(root / "shards" / "extra.tar")
+    return root / "shards"

@@ -1,8 +1,6 @@
 """End to end on tiny shards: every input sample gets a row, outputs agree, reruns are byte-identical."""
 
-import csv
 import hashlib
-import io
 import json
 import shutil
 import tarfile
@@ -12,10 +10,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from pipeline.config import CleanConfig
-from pipeline.make_shards import make_shards
 from pipeline.run import run_pipeline, sample_positions
 from pipeline.score import score_embeddings
 
@@ -23,37 +19,9 @@ TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1
 OUTPUT_DIRS = ("scores", "annotated", "filtered", "shards", "results")
 
 
-def _png(color) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _extra_shard(path):
-    """A key that 00000.tar also has (must be renamed), an undecodable image, a sample without caption."""
-    members = [("000000000.png", _png("red")), ("000000000.txt", b"a red square"),
-               ("bad.jpg", b"<html>not an image</html>"), ("bad.txt", b"broken"), ("nocap.png", _png("blue"))]
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    with open(root / "captions.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "caption"])
-        for i in range(8):
-            Image.new("RGB", (16, 16), (30 * i, 255 - 30 * i, 70 * i % 256)).save(root / "images" / f"im{i}.png")
-            writer.writerow([f"im{i}.png", f"a picture number {i}"])
-            writer.writerow([f"im{i}.png", f"colour {i}"])
-    make_shards(root / "images", root / "captions.csv", root / "shards", shard_size=6, noise_rate=0.25)
-    _extra_shard(root / "shards" / "extra.tar")
-    return root / "shards"
+def shard_dir(tiny_shards):
+    return tiny_shards
 
 
 def _config(shard_dir, output, **sections):

@@ -1,0 +1,141 @@
+"""The HTML report: self-contained, deterministic, and it renders (plots and thumbnails) in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.bicro import BiCroModel
+from models.diagnostics import mixture_density, normalised_losses
+from pipeline.config import CleanConfig
+from pipeline.make_shards import make_shards
+from pipeline.report import Rule, annotated_paths, binned_auroc, nice_ticks, scan_annotated, write_report
+from pipeline.run import run_pipeline
+
+TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
+SECTIONS = ('id="counts"', 'id="reasons"', 'id="plots"', 'id="lowest"', 'id="borderline"', 'id="random_kept"')
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """8 coloured images x 2 captions with 25% caption noise, cleaned with the tiny encoder (as test_run does)."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    with open(root / "captions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "caption"])
+        for i in range(8):
+            Image.new("RGB", (40, 30), (30 * i, 255 - 30 * i, 70 * i % 256)).save(root / "images" / f"im{i}.png")
+            writer.writerow([f"im{i}.png", f"a picture number {i}"])
+            writer.writerow([f"im{i}.png", f"colour {i} <b>&"])  # markup in captions must be escaped
+    make_shards(root / "images", root / "captions.csv", root / "shards", shard_size=6, noise_rate=0.25)
+    out = tmp_path_factory.mktemp("out")
+    config = CleanConfig.model_validate({
+        "input": str(root / "shards" / "*.tar"), "output": str(out),
+        "embed": {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False},
+        "bicro": TINY_BICRO, "select": {"keep_fraction": 0.5}})
+    summary = run_pipeline(config)
+    assert summary["report"] == str(out / "report.html")
+    return out
+
+
+def _config(out: Path) -> CleanConfig:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return CleanConfig.model_validate({**manifest["config"], "output": str(out)})
+
+
+def test_report_is_self_contained_with_every_section(run):
+    page = (run / "report.html").read_text()
+    for section in SECTIONS:
+        assert section in page
+    assert page.count("<svg") >= 5  # soft_label, p_clean, keep curve, one mixture per network
+    assert len(re.findall(r'<img [^>]*src="data:image/jpeg;base64,', page)) >= 12
+    assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page)
+    assert "<link" not in page and "<script" not in page and "@import" not in page
+    assert "True noise rate" in page and "AUROC" in page  # make_shards writes truth_clean
+    assert "colour 1 &lt;b&gt;&amp;" in page and "<b>&" not in page
+
+
+def test_report_bytes_are_deterministic(run):
+    first = (run / "report.html").read_bytes()
+    path = write_report(_config(run), str(run / "manifest.json"))
+    assert Path(path).read_bytes() == first
+    assert not list(run.glob(".tmp-*"))
+
+
+def test_galleries_pick_the_right_rows_and_resolve_anchors(run):
+    config = _config(run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    rule = Rule.from_run(config, manifest)
+    assert rule.by_fraction and rule.threshold == manifest["cutoff"]["value"]
+    assert not Rule.from_run(config.model_copy(update={"select": config.select.model_copy(
+        update={"keep_fraction": None})}), manifest).by_fraction
+    stats, picks = scan_annotated(annotated_paths(config, manifest), rule, seed=0)
+    assert stats.scored == manifest["counts"]["in"] - manifest["counts"]["errors"]
+    lowest = [r["soft_label"] for r in picks["lowest"]]
+    assert lowest == sorted(lowest) and len(lowest) == 12
+    assert {r["decision"] for r in picks["random_kept"]} == {"keep"} and len(picks["random_kept"]) == 8
+    distance = [abs(r["soft_label"] - rule.threshold) for r in picks["borderline"]]
+    assert distance == sorted(distance)
+    assert "(not found)" not in (run / "report.html").read_text()
+
+
+def test_normalised_losses_match_the_models_own_p_clean(run):
+    manifest = json.loads((run / "manifest.json").read_text())
+    model = BiCroModel.load(run / manifest["checkpoint"]["path"])
+    rng = np.random.default_rng(0)
+    image, text = rng.normal(size=(5, 64)).astype(np.float32), rng.normal(size=(5, 64)).astype(np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    losses = normalised_losses(model, image, text)
+    assert len(losses) == len(model.nets) == 2
+    p_clean = np.mean([m.posterior_clean(x) for m, x in zip(model.mixtures, losses)], axis=0)
+    assert np.allclose(p_clean, model.score(image, text)["p_clean"], atol=1e-6)
+    clean, noisy = mixture_density(model.mixtures[0], np.linspace(0.01, 0.99, 99))
+    assert (clean >= 0).all() and (noisy >= 0).all()
+    assert 0.3 < float(np.sum(clean + noisy) * 0.01) < 1.1  # the weighted components integrate to about 1
+
+
+def test_binned_auroc_and_ticks():
+    assert binned_auroc(np.array([0, 0, 3]), np.array([2, 0, 0])) == 1.0
+    assert binned_auroc(np.array([1, 1]), np.array([1, 1])) == 0.5
+    assert binned_auroc(np.array([1]), np.array([0])) is None
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+# ---------------------------------------------------------------- rendered in a real browser
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("/usr/bin/chromium")
+    if not found:
+        pytest.skip("chromium not installed: apt-get install -y chromium")
+    return found
+
+
+def _browser(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    url = (run / "report.html").as_uri()
+    dom = _browser(tmp_path, "--dump-dom", url).stdout
+    assert dom.count("<svg") >= 5 and "<rect" in dom and "<polyline" in dom
+    assert len(re.findall(r'<img [^>]*src="data:image/jpeg;base64,', dom)) >= 12
+    shot = tmp_path / "report.png"
+    _browser(tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars", url)
+    assert shot.stat().st_size > 50_000
+    with Image.open(shot) as image:
+        assert image.size == (1280, 2400)
+        colours = image.convert("RGB").resize((160, 300)).getcolors(maxcolors=1_000_000)
+    assert colours is not None and len(colours) > 50  # text, plots and photos, not a blank page

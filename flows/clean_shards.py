@@ -5,7 +5,7 @@ work whose outputs already exist with the same hashes, so a killed run resumes b
 task can run on any machine that sees the output location. Task results are paths and small dicts.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Prefect resolves the flow signature (CleanConfig) at run time.
 
 import functools
 import logging

@@ -71,7 +71,9 @@ class BiCroConfig(_Section):
 
 
 class SelectConfig(_Section):
-    column: str = Field("soft_label", description="Score column the rule applies to.")
+    column: Literal[
+        "soft_label", "p_clean", "consistency", "r_i2t", "r_t2i", "match_score", "encoder_cosine"
+    ] = Field("soft_label", description="Score column the rule applies to (encoder_cosine: aligned encoders).")
     threshold: float = Field(0.5, description="Keep rows whose column is >= threshold.")
     keep_fraction: float | None = Field(None, gt=0, le=1, description="Keep this top fraction instead.")
 

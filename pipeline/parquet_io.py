@@ -36,12 +36,14 @@ def atomic_output(path: str) -> Iterator[str]:
     """Yield a temporary sibling path; rename it to `path` only if the block finishes.
 
     A reader (or a resumed run) never sees a partial file under the final name: a crash leaves only a
-    `.tmp-*` file, which the next run overwrites with its own uniquely named temp file.
+    `.tmp-<uuid>-<name>.partial` file, which nothing reads and the next run does not reuse (it writes its own).
+    The `.partial` suffix keeps such leftovers out of `*.parquet` / `*.tar` globs: polars and fsspec globs,
+    unlike the shell's, also match dot files, so `pl.scan_parquet("out/annotated/*.parquet")` would choke on one.
     """
     fs, _, (final,) = fsspec.get_fs_token_paths(path)
     parent = final.rsplit("/", 1)[0] if "/" in final else "."
     fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}"
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}.partial"
     try:
         yield tmp
         fs.mv(tmp, final)

@@ -1,0 +1,613 @@
+"""BiCro (Yang et al., CVPR 2023) on frozen embeddings: soft correspondence labels for image-text pairs.
+
+Two matchers co-train; each epoch every network divides the training pairs with a 2-component mixture on its
+per-pair loss, picks the most confident clean pairs as anchors and, in its own embedding space, measures how
+consistent each pair's cross-modal similarities are with its nearest anchors (bidirectional similarity
+consistency). Those soft labels set per-pair triplet margins for its PEER. See docs/bicro.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterator
+
+import faiss
+import numpy as np
+import torch
+
+from models.cotrain import (
+    CHUNK,
+    CoTrainer,
+    Division,
+    NegativeBank,
+    PairData,
+    TrainConfig,
+    bank_losses,
+    chunked,
+    divide,
+    embed_pairs,
+    row_hashes,
+    seeded,
+)
+from models.matcher import Matcher
+from models.mixture import Mixture, fit_mixture, mixture_from_tensor, normalise_losses
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FLOAT = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score")
+OUTPUT_INT = ("anchor_for_image", "anchor_for_text")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class BiCroParams:
+    seed: int = 0
+    embed_dim: int = 512
+    hidden_dim: int = 1024
+    epochs: int = 8
+    warmup_epochs: int = 1
+    batch_size: int = 128
+    lr: float = 2e-4
+    alpha: float = 0.2
+    soft_margin_base: float = 10.0
+    warmup_keep_ratio: float = 0.3
+    division: str = "bmm"
+    clean_threshold: float = 0.5
+    noisy_label_threshold: float = 0.5
+    anchor_top_k: int = 0  # anchor bank: the K most confident clean pairs (0 = the whole clean set)
+    top_anchors: int = 1024  # the most confident anchors whose soft label is 1 (-1 = every anchor)
+    weight_decay: float = 1e-4
+    dropout: float = 0.0
+    lr_schedule: str = "cosine"
+    grad_clip: float = 2.0
+    noisy_start: float = 0.5  # fraction of the co-training epochs after which noisy-set pairs join
+    drop_zero_labels: bool = True  # noisy-set pairs whose label is 0 take no part in training
+    center_consistency: bool = True  # intra-modal cosines for consistency measured after removing the mean
+    train_consistency_floor: float = 0.2  # clean-set pairs (not top anchors) with consistency <= this sit out
+    bank_size: int = 512
+    mixture_iterations: int = 10
+    threads: int = 2  # torch/faiss CPU threads in fit and score; fixed so float sums match across machines; 0 = inherit
+
+    def validate(self) -> None:
+        if self.division not in ("bmm", "gmm"):
+            raise ValueError(f"division must be 'bmm' or 'gmm', got {self.division!r}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError("warmup_epochs must not exceed epochs")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2 (negatives come from the batch)")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            embed_dim=self.embed_dim,
+            hidden_dim=self.hidden_dim,
+            dropout=self.dropout,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            lr_schedule=self.lr_schedule,
+            alpha=self.alpha,
+            soft_margin_base=self.soft_margin_base,
+            grad_clip=self.grad_clip,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BiCroParams":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    if n <= 0:
+        yield
+        return
+    old_torch, old_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_torch)
+        faiss.omp_set_num_threads(old_faiss)
+
+
+# ------------------------------------------------------------------------------- consistency labels
+
+
+def _ratio(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """min/max of two similarities; 0 when either is not positive (the ratio would be meaningless)."""
+    ok = (u > 0) & (v > 0)
+    r = torch.minimum(u, v) / torch.maximum(u, v).clamp(min=1e-12)
+    return torch.where(ok, r, torch.zeros_like(r))
+
+
+def _two_reps(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct bank rows: (first index, second index or -1) per distinct row, and each row's distinct id."""
+    uniq, inverse = np.unique(hashes, return_inverse=True)
+    order = np.lexsort((np.arange(len(hashes)), inverse))  # by distinct id, then by bank index
+    grouped = inverse[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    rep1 = order[starts]
+    nxt = starts + 1
+    has2 = (nxt < len(order)) & (np.r_[grouped, -1][np.minimum(nxt, len(order))] == grouped[starts])
+    rep2 = np.where(has2, order[np.minimum(nxt, len(order) - 1)], -1)
+    return rep1, rep2, inverse
+
+
+def _search(index: faiss.Index, queries: np.ndarray, k: int) -> np.ndarray:
+    """faiss search on fixed-size zero-padded chunks, so a query's answer never depends on the others."""
+    out = []
+    for start in range(0, len(queries), CHUNK):
+        part = queries[start : start + CHUNK]
+        n = len(part)
+        if n < CHUNK:
+            part = np.concatenate([part, np.zeros((CHUNK - n, part.shape[1]), dtype=np.float32)])
+        _, ids = index.search(np.ascontiguousarray(part, dtype=np.float32), k)
+        out.append(ids[:n])
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+
+
+def nearest_anchor(queries: torch.Tensor, bank: torch.Tensor, self_index: np.ndarray) -> np.ndarray:
+    """Index of the bank row with the highest inner product, never the query's own row (-1 if none left).
+
+    Exact duplicate bank rows (one photo, several anchor captions) are searched once; ties between them go to
+    the lowest bank index, and duplicate queries are searched once. That keeps 30k x 25k searches cheap.
+    """
+    n = queries.shape[0]
+    if bank.shape[0] == 0 or n == 0:
+        return np.full(n, -1, dtype=np.int64)
+    bank_np = np.ascontiguousarray(bank.detach().float().cpu().numpy())
+    rep1, rep2, _ = _two_reps(row_hashes(bank_np))
+    index = faiss.IndexFlatIP(bank_np.shape[1])
+    index.add(bank_np[rep1])
+    q_np = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+    _, q_first, q_inv = np.unique(row_hashes(q_np), return_index=True, return_inverse=True)
+    k = min(2, len(rep1))
+    hits = _search(index, q_np[q_first], k)[q_inv.reshape(-1)]  # (n, k) distinct-row ids
+    cands = []
+    for j in range(k):
+        cands += [rep1[hits[:, j]], rep2[hits[:, j]]]
+    best = np.full(n, -1, dtype=np.int64)
+    for cand in cands:
+        take = (best < 0) & (cand >= 0) & (cand != self_index)
+        best[take] = cand[take]
+    return best
+
+
+def consistency_labels(
+    img_emb: torch.Tensor,
+    txt_emb: torch.Tensor,
+    anchor_img: torch.Tensor,
+    anchor_txt: torch.Tensor,
+    self_index: np.ndarray | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bidirectional cross-modal similarity consistency of each pair with its nearest anchors.
+
+    Inputs are L2-normalised (N, d) and (A, d) tensors in one network's space; self_index[n] is pair n's row in
+    the anchor bank or -1. i2t: a* = anchor whose image is nearest to image n, u = cos(I_n, I_a*),
+    v = cos(T_n, T_a*), r_i2t = min(u, v) / max(u, v) (0 when u <= 0 or v <= 0). t2i: likewise with b* = anchor
+    whose text is nearest to text n. consistency = (r_i2t + r_t2i) / 2.
+    Returns (consistency, r_i2t, r_t2i, anchor_for_image, anchor_for_text); anchors are int64 bank indices.
+    """
+    n = img_emb.shape[0]
+    own = np.full(n, -1, dtype=np.int64) if self_index is None else np.asarray(torch.as_tensor(self_index).cpu())
+    dev = img_emb.device
+    a_img = nearest_anchor(img_emb, anchor_img, own)
+    a_txt = nearest_anchor(txt_emb, anchor_txt, own)
+
+    def ratio_with(anchor: np.ndarray) -> torch.Tensor:
+        if n == 0:
+            return torch.zeros(0, device=dev)
+        valid = torch.from_numpy(anchor >= 0).to(dev)
+        a = torch.from_numpy(np.maximum(anchor, 0)).to(dev)
+        if anchor_img.shape[0] == 0:
+            return torch.zeros(n, device=dev)
+        u = (img_emb * anchor_img[a]).sum(dim=1)
+        v = (txt_emb * anchor_txt[a]).sum(dim=1)
+        return torch.where(valid, _ratio(u, v), torch.zeros_like(u))
+
+    r_i2t, r_t2i = ratio_with(a_img), ratio_with(a_txt)
+    return (r_i2t + r_t2i) / 2, r_i2t, r_t2i, torch.from_numpy(a_img), torch.from_numpy(a_txt)
+
+
+def top_anchor_mask(bank_index: np.ndarray, top_anchors: int) -> np.ndarray:
+    """Pairs whose label is fixed to 1: the first top_anchors rows of the (confidence-sorted) anchor bank."""
+    if top_anchors < 0:
+        return bank_index >= 0
+    return (bank_index >= 0) & (bank_index < top_anchors)
+
+
+def soft_labels(
+    p_clean: np.ndarray, consistency: np.ndarray, is_anchor: np.ndarray, clean_threshold: float, tau: float
+) -> np.ndarray:
+    """Anchors 1; other clean-set pairs 0.5 + c/2; noisy-set pairs c, or 0 when c <= tau."""
+    c = np.asarray(consistency, dtype=np.float64)
+    clean = np.asarray(p_clean) > clean_threshold
+    noisy_label = np.where(c > tau, c, 0.0)
+    return np.where(clean, np.where(is_anchor, 1.0, 0.5 + c / 2.0), noisy_label)
+
+
+def select_anchors(p_clean: np.ndarray, clean: np.ndarray, top_k: int) -> np.ndarray:
+    """Clean pairs by decreasing p_clean (ties: lower index first), cut to top_k when top_k > 0."""
+    idx = np.flatnonzero(clean)
+    idx = idx[np.argsort(-p_clean[idx], kind="stable")]
+    return idx[:top_k] if top_k > 0 else idx
+
+
+def clean_set(p_clean: np.ndarray, threshold: float, min_fraction: float = 0.01) -> np.ndarray:
+    """p_clean > threshold; if that leaves (almost) nothing, the min_fraction most confident pairs (as NCR does
+    for the opposite case), so a degenerate mixture cannot starve a network of training data."""
+    clean = p_clean > threshold
+    need = max(2, int(math.ceil(min_fraction * len(p_clean))))
+    if clean.sum() < need:
+        clean = np.zeros(len(p_clean), dtype=bool)
+        clean[np.argsort(-p_clean, kind="stable")[:need]] = True
+    return clean
+
+
+def consistency_space(emb: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+    """Embeddings as used for consistency: minus the space's mean direction, re-normalised.
+
+    A triplet-trained space is a narrow cone: two unrelated captions have cosine ~0.5, so min/max ratios are
+    high for every pair and tau = 0.5 separates nothing. Removing the mean puts unrelated items near 0.
+    """
+    if center is None:
+        return emb
+    return torch.nn.functional.normalize(emb - center, dim=-1)
+
+
+def space_center(emb: torch.Tensor, enabled: bool) -> torch.Tensor | None:
+    return emb.mean(dim=0) if enabled else None
+
+
+@dataclass
+class EpochLabels:
+    labels: np.ndarray  # (N,) soft label for every pair
+    clean: np.ndarray  # (N,) bool: the divider's clean set
+    consistency: np.ndarray
+    train_clean: np.ndarray  # (N,) bool: the clean-set pairs the peer actually trains on
+
+
+def labels_from_division(div: Division, params: BiCroParams) -> EpochLabels:
+    """Everything one network hands its peer for an epoch: split, anchors and soft labels."""
+    clean = clean_set(div.p_clean, params.clean_threshold)
+    anchors = select_anchors(div.p_clean, clean, params.anchor_top_k)
+    own = np.full(len(clean), -1, dtype=np.int64)
+    own[anchors] = np.arange(len(anchors))
+    a = torch.from_numpy(anchors).to(div.img_emb.device)
+    img = consistency_space(div.img_emb, space_center(div.img_emb, params.center_consistency))
+    txt = consistency_space(div.txt_emb, space_center(div.txt_emb, params.center_consistency))
+    c, *_ = consistency_labels(img, txt, img[a], txt[a], own)
+    c_np = c.double().cpu().numpy()
+    top = top_anchor_mask(own, params.top_anchors)
+    labels = soft_labels(div.p_clean, c_np, top, params.clean_threshold, params.noisy_label_threshold)
+    labels[clean & ~(div.p_clean > params.clean_threshold)] = 1.0  # forced clean set: trust it as anchors
+    # A clean-set pair whose own neighbourhood contradicts it (consistency near 0) is most likely a noisy pair
+    # with a small loss; training on it, even with a small margin, is how noisy pairs get memorised.
+    train_clean = clean & ((c_np > params.train_consistency_floor) | top | ~(div.p_clean > params.clean_threshold))
+    return EpochLabels(labels, clean, c_np, train_clean)
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+class BiCroModel:
+    """Both networks plus everything needed to score pairs never seen in training, exactly as in training."""
+
+    def __init__(
+        self,
+        params: BiCroParams,
+        nets: list[Matcher],
+        mixtures: list[Mixture],
+        loss_ranges: list[tuple[float, float]],
+        bank: NegativeBank,
+        anchor_img: torch.Tensor,
+        anchor_txt: torch.Tensor,
+        anchor_keys: list[str],
+        aligned: bool,
+        device: str | torch.device = "cpu",
+        centers: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        self.params = params
+        self.centers = centers  # per network (image, text) mean used by consistency_space, or None
+        self.nets = [net.eval() for net in nets]
+        self.mixtures = mixtures
+        self.loss_ranges = loss_ranges
+        self.bank = bank
+        self.anchor_img = anchor_img
+        self.anchor_txt = anchor_txt
+        self.anchor_keys = list(anchor_keys)
+        self._anchor_pos = {key: i for i, key in enumerate(self.anchor_keys)}
+        self.aligned = aligned
+        self.device = torch.device(device)
+
+    # ---- scoring
+
+    def consistency_embeddings(
+        self, img_nets: list[torch.Tensor], txt_nets: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both networks' (centred) unit vectors side by side: cosines there are the mean of the two nets'."""
+        if self.centers is not None:
+            img_nets = [consistency_space(x, c[0]) for x, c in zip(img_nets, self.centers)]
+            txt_nets = [consistency_space(x, c[1]) for x, c in zip(txt_nets, self.centers)]
+        return ensemble(img_nets), ensemble(txt_nets)
+
+    def _self_index(self, keys: list[str] | None, n: int) -> np.ndarray:
+        if keys is None:
+            return np.full(n, -1, dtype=np.int64)
+        if len(keys) != n:
+            raise ValueError(f"{len(keys)} keys for {n} pairs")
+        return np.array([self._anchor_pos.get(k, -1) for k in keys], dtype=np.int64)
+
+    def _score_block(self, image: torch.Tensor, text: torch.Tensor, own: np.ndarray) -> dict[str, np.ndarray]:
+        ih, th = row_hashes(image.cpu().numpy()), row_hashes(text.cpu().numpy())
+        p_nets, img_nets, txt_nets = [], [], []
+        for net, mix, (lo, hi) in zip(self.nets, self.mixtures, self.loss_ranges):
+            img, txt = embed_pairs(net, image, text)
+            losses = bank_losses(net, img, txt, ih, th, self.bank, self.params.alpha)
+            p_nets.append(mix.posterior_clean(normalise_losses(losses, lo, hi)))
+            img_nets.append(img)
+            txt_nets.append(txt)
+        both = torch.cat([torch.cat(img_nets, 1), torch.cat(txt_nets, 1)], 1)
+        d = img_nets[0].shape[1]
+        # mean of the two networks' cosines, on fixed-shape chunks
+        match = chunked(lambda x: ((x[:, : 2 * d] * x[:, 2 * d :]).sum(1) / 2)[:, None], both)[:, 0]
+        ens_img, ens_txt = self.consistency_embeddings(img_nets, txt_nets)
+        c, r_i2t, r_t2i, a_i, a_t = consistency_labels(ens_img, ens_txt, self.anchor_img, self.anchor_txt, own)
+        c_np = c.double().cpu().numpy()
+        top = top_anchor_mask(own, self.params.top_anchors)
+        labels = [
+            soft_labels(p, c_np, top, self.params.clean_threshold, self.params.noisy_label_threshold) for p in p_nets
+        ]
+        return {
+            "p_clean": np.mean(p_nets, axis=0).astype(np.float32),
+            "consistency": c_np.astype(np.float32),
+            "r_i2t": r_i2t.cpu().numpy().astype(np.float32),
+            "r_t2i": r_t2i.cpu().numpy().astype(np.float32),
+            "soft_label": np.mean(labels, axis=0).astype(np.float32),
+            "match_score": match.cpu().numpy().astype(np.float32),
+            "anchor_for_image": a_i.numpy().astype(np.int64),
+            "anchor_for_text": a_t.numpy().astype(np.int64),
+        }
+
+    def score(
+        self, image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str] | None = None, batch_size: int = 65536
+    ) -> dict[str, np.ndarray]:
+        """Per-pair outputs; a pair's scores depend only on the pair (and its key), never on the other pairs."""
+        image_emb = np.ascontiguousarray(image_emb, dtype=np.float32)
+        text_emb = np.ascontiguousarray(text_emb, dtype=np.float32)
+        n = len(image_emb)
+        if len(text_emb) != n:
+            raise ValueError(f"{n} images but {len(text_emb)} texts")
+        own = self._self_index(keys, n)
+        step = max(CHUNK, (batch_size // CHUNK) * CHUNK)
+        parts = []
+        with torch.no_grad(), _threads(self.params.threads):
+            for s in range(0, n, step):
+                img = torch.from_numpy(image_emb[s : s + step]).to(self.device)
+                txt = torch.from_numpy(text_emb[s : s + step]).to(self.device)
+                parts.append(self._score_block(img, txt, own[s : s + step]))
+        if not parts:
+            return {k: np.zeros(0, np.float32) for k in OUTPUT_FLOAT} | {k: np.zeros(0, np.int64) for k in OUTPUT_INT}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    # ---- persistence
+
+    def save(self, path: str | Path) -> None:
+        """A directory with tensors.safetensors (plain tensors) and model.json (params, dims, keys)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for k, net in enumerate(self.nets):
+            for name, t in net.state_dict().items():
+                tensors[f"net{k}.{name}"] = t.detach().cpu().contiguous()
+            tensors[f"mixture{k}"] = self.mixtures[k].to_tensor()
+            tensors[f"loss_range{k}"] = torch.tensor(self.loss_ranges[k], dtype=torch.float64)
+            if self.centers is not None:
+                tensors[f"center{k}.image"] = self.centers[k][0].detach().cpu().contiguous()
+                tensors[f"center{k}.text"] = self.centers[k][1].detach().cpu().contiguous()
+        tensors["bank.image"] = self.bank.image.cpu().contiguous()
+        tensors["bank.text"] = self.bank.text.cpu().contiguous()
+        tensors["bank.image_hash"] = torch.from_numpy(self.bank.image_hash.copy())
+        tensors["bank.text_hash"] = torch.from_numpy(self.bank.text_hash.copy())
+        tensors["anchor.image"] = self.anchor_img.cpu().contiguous()
+        tensors["anchor.text"] = self.anchor_txt.cpu().contiguous()
+        save_file(tensors, str(path / "tensors.safetensors"))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "params": asdict(self.params),
+            "aligned": self.aligned,
+            "image_dim": int(self.bank.image.shape[1]),
+            "text_dim": int(self.bank.text.shape[1]),
+            "anchor_keys": self.anchor_keys,
+        }
+        (path / "model.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "BiCroModel":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = json.loads((path / "model.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format_version')}")
+        params = BiCroParams.from_dict(meta["params"])
+        tensors = load_file(str(path / "tensors.safetensors"), device="cpu")
+        nets, mixtures, ranges = [], [], []
+        for k in range(2):
+            net = Matcher(
+                meta["image_dim"], meta["text_dim"], params.embed_dim, params.hidden_dim, params.dropout, False
+            )
+            prefix = f"net{k}."
+            net.load_state_dict({n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)})
+            nets.append(net.to(device))
+            mixtures.append(mixture_from_tensor(params.division, tensors[f"mixture{k}"]))
+            lo, hi = tensors[f"loss_range{k}"].tolist()
+            ranges.append((lo, hi))
+        centers = None
+        if "center0.image" in tensors:
+            centers = [(tensors[f"center{k}.image"].to(device), tensors[f"center{k}.text"].to(device)) for k in range(2)]
+        bank = NegativeBank(
+            tensors["bank.image"].to(device),
+            tensors["bank.text"].to(device),
+            tensors["bank.image_hash"].numpy(),
+            tensors["bank.text_hash"].numpy(),
+        )
+        return cls(
+            params,
+            nets,
+            mixtures,
+            ranges,
+            bank,
+            tensors["anchor.image"].to(device),
+            tensors["anchor.text"].to(device),
+            meta["anchor_keys"],
+            meta["aligned"],
+            device,
+            centers,
+        )
+
+
+def ensemble(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate the networks' unit vectors, scaled so cosines in the result are the mean of theirs."""
+    return torch.cat(parts, dim=1) / math.sqrt(len(parts))
+
+
+# --------------------------------------------------------------------------------------------- fit
+
+
+def _log_epoch(epoch: int, params: BiCroParams, info: dict, t0: float) -> None:
+    logger.info("bicro epoch %d/%d %s (%.0fs)", epoch + 1, params.epochs, info, time.time() - t0)
+
+
+def fit_bicro(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    params: BiCroParams,
+    keys: list[str] | None = None,
+    aligned: bool = False,
+    device: str = "cpu",
+    log_every: int = 1,
+) -> tuple[BiCroModel, dict[str, np.ndarray]]:
+    """Train BiCro on frozen pair embeddings; returns the model and its outputs for the training pairs.
+
+    keys default to the row numbers as strings (they identify anchors for self-exclusion in score()).
+    """
+    params.validate()
+    n = len(image_emb)
+    keys = [str(i) for i in range(n)] if keys is None else list(keys)
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} keys for {n} pairs")
+    if len(set(keys)) != n:
+        raise ValueError("keys must be unique")
+    t0 = time.time()
+    with seeded(params.seed, device), _threads(params.threads):
+        data = PairData.build(image_emb, text_emb, device)
+        bank = NegativeBank.sample(data, params.bank_size, params.seed)
+        trainer = CoTrainer(data, params.train_config(), params.seed, aligned, device)
+        run_cotraining(trainer, data, bank, params, log_every, t0)
+        model = finalise(trainer, data, bank, params, keys, aligned, device)
+    outputs = model.score(image_emb, text_emb, keys)
+    logger.info("bicro fit done in %.0fs: %d anchors", time.time() - t0, len(model.anchor_keys))
+    return model, outputs
+
+
+def noisy_start_epoch(params: BiCroParams) -> int:
+    return params.warmup_epochs + int(params.noisy_start * (params.epochs - params.warmup_epochs))
+
+
+def run_cotraining(
+    trainer: CoTrainer,
+    data: PairData,
+    bank: NegativeBank,
+    params: BiCroParams,
+    log_every: int,
+    t0: float,
+    monitor: Callable[[int, CoTrainer, list[Division] | None, list[EpochLabels] | None], None] | None = None,
+) -> None:
+    """The co-training loop. ``monitor`` (development only) sees each epoch's divisions and labels."""
+    dev = trainer.device
+    for epoch in range(params.epochs):
+        trainer.set_epoch(epoch)
+        if epoch < params.warmup_epochs:
+            losses = [trainer.warmup_epoch(k, params.warmup_keep_ratio) for k in range(2)]
+            if log_every and (epoch + 1) % log_every == 0:
+                _log_epoch(epoch, params, {"warmup_loss": [round(x, 4) for x in losses]}, t0)
+            if monitor is not None:
+                monitor(epoch, trainer, None, None)
+            continue
+        divs = [_divide(trainer.nets[k], data, bank, params) for k in range(2)]
+        with_noisy = epoch >= noisy_start_epoch(params)
+        info: dict = {}
+        labs = [labels_from_division(divs[1 - k], params) for k in range(2)]  # co-teaching: the peer labels
+        for k in range(2):
+            lab = labs[k]
+            clean_idx = np.flatnonzero(lab.train_clean)
+            noisy_idx = np.flatnonzero(~lab.clean)
+            if params.drop_zero_labels:
+                noisy_idx = noisy_idx[lab.labels[noisy_idx] > 0]
+            ct = torch.from_numpy(clean_idx).to(dev)
+            nt = torch.from_numpy(noisy_idx).to(dev) if with_noisy else None
+            labels_t = torch.from_numpy(lab.labels.astype(np.float32)).to(dev)
+            loss = trainer.train_epoch(
+                k, ct, labels_t[ct], nt, labels_t[nt] if nt is not None else None
+            )
+            info[f"net{k}"] = {
+                "loss": round(loss, 4),
+                "clean": int(lab.clean.sum()),
+                "trained": int(lab.train_clean.sum()),
+                "noisy_used": int(len(noisy_idx)) if with_noisy else 0,
+                "noisy_w": round(divs[1 - k].mixture.noisy_weight(), 3),
+            }
+        if log_every and (epoch + 1) % log_every == 0:
+            _log_epoch(epoch, params, info, t0)
+        if monitor is not None:
+            monitor(epoch, trainer, divs, labs)
+
+
+def _divide(net: Matcher, data: PairData, bank: NegativeBank, params: BiCroParams) -> Division:
+    return divide(net, data, bank, params.alpha, params.division, params.mixture_iterations, params.seed)
+
+
+def finalise(
+    trainer: CoTrainer,
+    data: PairData,
+    bank: NegativeBank,
+    params: BiCroParams,
+    keys: list[str],
+    aligned: bool,
+    device: str,
+) -> BiCroModel:
+    """Final divisions of both networks; anchors = the most confident pairs of their consensus clean set."""
+    divs = [_divide(net, data, bank, params) for net in trainer.nets]
+    p_mean = np.mean([d.p_clean for d in divs], axis=0)
+    anchors = select_anchors(p_mean, clean_set(p_mean, params.clean_threshold), params.anchor_top_k)
+    centers = None
+    if params.center_consistency:
+        centers = [(d.img_emb.mean(dim=0), d.txt_emb.mean(dim=0)) for d in divs]
+    model = BiCroModel(
+        params,
+        trainer.nets,
+        [d.mixture for d in divs],
+        [(d.loss_min, d.loss_max) for d in divs],
+        bank,
+        torch.zeros(0),
+        torch.zeros(0),
+        [keys[i] for i in anchors],
+        aligned,
+        device,
+        centers,
+    )
+    a = torch.from_numpy(anchors).to(data.image.device)
+    anchor_img, anchor_txt = model.consistency_embeddings([d.img_emb[a] for d in divs], [d.txt_emb[a] for d in divs])
+    model.anchor_img, model.anchor_txt = anchor_img.contiguous(), anchor_txt.contiguous()
+    return model

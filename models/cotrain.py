@@ -1,0 +1,358 @@
+"""The co-training machinery shared by every method (vanilla, NCR, BiCro, oracle).
+
+Two matchers A and B with their own seeds, initialisations and batch orders. The trainer knows how to warm up,
+how to run one epoch of hardest-negative training with per-pair soft labels, and how to compute everything a
+division step needs (embeddings of all pairs and per-pair losses against a fixed negative bank). What the
+labels are is the business of each method (models/bicro.py, pipeline/evaluate.py).
+
+Determinism: every random choice comes from generators seeded by ``seed``; forward passes used for scoring run
+on fixed-shape, zero-padded chunks, so a row's result never depends on which other rows share its chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from models.losses import bank_mean_hinge, hardest_triplet, mean_triplet, small_loss_mean, soft_margin
+from models.matcher import Matcher
+from models.mixture import Mixture, fit_mixture, normalise_losses
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 1024  # rows per fixed-shape forward chunk (scoring paths)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def row_hashes(x: np.ndarray) -> np.ndarray:
+    """64-bit hash of each row's bytes: equal rows (e.g. the 5 captions' copies of one image) share a hash."""
+    x = np.ascontiguousarray(x)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True) for row in x],
+        dtype=np.int64,
+    )
+
+
+def dense_ids(hashes: np.ndarray) -> np.ndarray:
+    return np.unique(hashes, return_inverse=True)[1].astype(np.int64)
+
+
+@dataclass
+class PairData:
+    """Frozen embeddings of the training pairs, on the training device, plus duplicate-row bookkeeping."""
+
+    image: torch.Tensor  # (N, Di)
+    text: torch.Tensor  # (N, Dt)
+    image_hash: np.ndarray  # (N,) int64
+    text_hash: np.ndarray  # (N,) int64
+    image_group: torch.Tensor  # (N,) dense ids of identical image rows, on device
+    text_group: torch.Tensor  # (N,)
+
+    @classmethod
+    def build(cls, image: np.ndarray, text: np.ndarray, device: str | torch.device) -> "PairData":
+        if len(image) != len(text):
+            raise ValueError(f"{len(image)} images but {len(text)} texts")
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        text = np.ascontiguousarray(text, dtype=np.float32)
+        ih, th = row_hashes(image), row_hashes(text)
+        return cls(
+            image=torch.from_numpy(image).to(device),
+            text=torch.from_numpy(text).to(device),
+            image_hash=ih,
+            text_hash=th,
+            image_group=torch.from_numpy(dense_ids(ih)).to(device),
+            text_group=torch.from_numpy(dense_ids(th)).to(device),
+        )
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    def negatives(self, idx: torch.Tensor) -> torch.Tensor:
+        """Valid negative pairs inside a batch: different image rows AND different caption rows."""
+        ig, tg = self.image_group[idx], self.text_group[idx]
+        return (ig[:, None] != ig[None, :]) & (tg[:, None] != tg[None, :])
+
+
+# ------------------------------------------------------------------------------------- forward paths
+
+
+def _unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique rows (by exact bytes) and the inverse map; lets 30k pairs embed only their ~6k distinct images."""
+    arr = np.ascontiguousarray(x.detach().cpu().numpy())
+    _, first, inverse = np.unique(row_hashes(arr), return_index=True, return_inverse=True)
+    first_t = torch.from_numpy(first).to(x.device)
+    return x[first_t], torch.from_numpy(inverse.astype(np.int64)).to(x.device)
+
+
+@torch.no_grad()
+def chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """Apply fn on fixed-size zero-padded chunks so every row sees the same kernel shapes in every call."""
+    out = []
+    for start in range(0, x.shape[0], chunk):
+        part = x[start : start + chunk]
+        n = part.shape[0]
+        if n < chunk:
+            part = torch.cat([part, part.new_zeros((chunk - n,) + tuple(part.shape[1:]))])
+        out.append(fn(part)[:n])
+    if not out:
+        return fn(x.new_zeros((chunk,) + tuple(x.shape[1:])))[:0]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dedup: bool = True) -> torch.Tensor:
+    if not dedup:
+        return chunked(fn, x)
+    uniq, inverse = _unique_rows(x)
+    return chunked(fn, uniq)[inverse]
+
+
+@torch.no_grad()
+def embed_pairs(net: Matcher, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    was_training = net.training
+    net.eval()
+    img = embed_rows(net.embed_images, image)
+    txt = embed_rows(net.embed_texts, text)
+    net.train(was_training)
+    return img, txt
+
+
+# ------------------------------------------------------------------------------------ negative bank
+
+
+@dataclass
+class NegativeBank:
+    """A fixed sample of training pairs used as negatives when computing a pair's division loss.
+
+    Fixed and stored in the checkpoint, so the loss (hence p_clean) of any pair, seen or not, depends only on
+    the pair itself: no batch composition effects.
+    """
+
+    image: torch.Tensor  # (M, Di) raw frozen embeddings
+    text: torch.Tensor  # (M, Dt)
+    image_hash: np.ndarray  # (M,)
+    text_hash: np.ndarray  # (M,)
+
+    @classmethod
+    def sample(cls, data: PairData, size: int, seed: int) -> "NegativeBank":
+        rng = np.random.default_rng(seed + 7919)
+        idx = np.sort(rng.choice(len(data), size=min(size, len(data)), replace=False))
+        t = torch.from_numpy(idx).to(data.image.device)
+        return cls(data.image[t].clone(), data.text[t].clone(), data.image_hash[idx].copy(), data.text_hash[idx].copy())
+
+
+@torch.no_grad()
+def bank_losses(
+    net: Matcher,
+    img_emb: torch.Tensor,
+    txt_emb: torch.Tensor,
+    image_hash: np.ndarray,
+    text_hash: np.ndarray,
+    bank: NegativeBank,
+    alpha: float,
+) -> np.ndarray:
+    """Per-pair mean-over-negatives hinge against the bank (float64 numpy)."""
+    bank_img, bank_txt = embed_pairs(net, bank.image, bank.text)
+    dev = img_emb.device
+    bih = torch.from_numpy(bank.image_hash).to(dev)
+    bth = torch.from_numpy(bank.text_hash).to(dev)
+    ih = torch.from_numpy(np.asarray(image_hash)).to(dev)
+    th = torch.from_numpy(np.asarray(text_hash)).to(dev)
+
+    out = []
+    for start in range(0, img_emb.shape[0], CHUNK):
+        stop = min(start + CHUNK, img_emb.shape[0])
+        n = stop - start
+        qi, qt = img_emb[start:stop], txt_emb[start:stop]
+        hi, ht = ih[start:stop], th[start:stop]
+        if n < CHUNK:  # same kernel shapes for every chunk
+            pad = CHUNK - n
+            qi = torch.cat([qi, qi.new_zeros(pad, qi.shape[1])])
+            qt = torch.cat([qt, qt.new_zeros(pad, qt.shape[1])])
+            hi = torch.cat([hi, hi.new_zeros(pad)])
+            ht = torch.cat([ht, ht.new_zeros(pad)])
+        pos = (qi * qt).sum(dim=1)
+        valid = ((hi[:, None] != bih[None, :]) & (ht[:, None] != bth[None, :])).float()
+        loss = bank_mean_hinge(pos, qi @ bank_txt.T, qt @ bank_img.T, alpha, valid)
+        out.append(loss[:n])
+    return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
+
+
+@dataclass
+class Division:
+    """One network's view of the training pairs: embeddings, losses and the clean posterior."""
+
+    img_emb: torch.Tensor
+    txt_emb: torch.Tensor
+    losses: np.ndarray
+    loss_min: float
+    loss_max: float
+    mixture: Mixture
+    p_clean: np.ndarray
+
+
+def divide(net: Matcher, data: PairData, bank: NegativeBank, alpha: float, kind: str, iterations: int, seed: int) -> Division:
+    img, txt = embed_pairs(net, data.image, data.text)
+    losses = bank_losses(net, img, txt, data.image_hash, data.text_hash, bank, alpha)
+    lo, hi = float(losses.min()), float(losses.max())
+    x = normalise_losses(losses, lo, hi)
+    mixture = fit_mixture(x, kind, iterations, seed)
+    return Division(img, txt, losses, lo, hi, mixture, mixture.posterior_clean(x))
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    embed_dim: int
+    hidden_dim: int
+    dropout: float
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    lr_schedule: str  # "cosine" | "constant" | "step"
+    alpha: float
+    soft_margin_base: float
+    grad_clip: float
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":  # NCR-style: one decay by 10x for the last quarter
+        return 0.1 if epoch >= int(0.75 * epochs) else 1.0
+    if schedule == "cosine":  # evaluated at the epoch's midpoint, never exactly 0
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch + 0.5) / epochs))
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: str | torch.device) -> Iterator[None]:
+    """Seed torch for the block without disturbing the caller's global RNG state."""
+    dev = torch.device(device)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+        torch.manual_seed(seed)
+        yield
+
+
+class CoTrainer:
+    """Two matchers, their optimisers and batch-order generators."""
+
+    def __init__(
+        self, data: PairData, cfg: TrainConfig, seed: int, aligned: bool, device: str | torch.device
+    ) -> None:
+        self.data, self.cfg, self.device = data, cfg, torch.device(device)
+        self.nets: list[Matcher] = []
+        self.opts: list[torch.optim.Optimizer] = []
+        self.gens: list[torch.Generator] = []
+        for k in range(2):
+            torch.manual_seed(seed * 1_000_003 + 101 * k + 1)  # caller wraps the fit in seeded()
+            net = Matcher(
+                data.image.shape[1], data.text.shape[1], cfg.embed_dim, cfg.hidden_dim, cfg.dropout, aligned
+            ).to(self.device)
+            if not aligned:
+                net.standardise_inputs(data.image, data.text)
+            self.nets.append(net)
+            self.opts.append(torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
+            self.gens.append(torch.Generator().manual_seed(seed * 7_919 + 13 * k + 5))
+
+    def set_epoch(self, epoch: int) -> None:
+        f = lr_factor(self.cfg.lr_schedule, epoch, self.cfg.epochs)
+        for opt in self.opts:
+            for group in opt.param_groups:
+                group["lr"] = self.cfg.lr * f
+
+    def _perm(self, k: int, idx: torch.Tensor) -> torch.Tensor:
+        order = torch.randperm(idx.numel(), generator=self.gens[k]).to(idx.device)
+        return idx[order]
+
+    def _batches(self, k: int, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Shuffled batches; a last batch smaller than 2 pairs carries no negatives and is dropped."""
+        perm = self._perm(k, idx)
+        bs = self.cfg.batch_size
+        return [perm[s : s + bs] for s in range(0, perm.numel(), bs) if perm[s : s + bs].numel() >= 2]
+
+    def _sims(self, k: int, idx: torch.Tensor) -> torch.Tensor:
+        return self.nets[k](self.data.image[idx], self.data.text[idx])
+
+    def _step(self, k: int, loss: torch.Tensor) -> None:
+        opt = self.opts[k]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.nets[k].parameters(), self.cfg.grad_clip)
+        opt.step()
+
+    def warmup_epoch(self, k: int, keep_ratio: float, idx: torch.Tensor | None = None) -> float:
+        """Mean-over-negatives hinge; only the keep_ratio smallest per-pair losses of each batch contribute."""
+        net = self.nets[k]
+        net.train()
+        idx = torch.arange(len(self.data), device=self.device) if idx is None else idx
+        total, steps = 0.0, 0
+        for b in self._batches(k, idx):
+            margins = torch.full((b.numel(),), self.cfg.alpha, device=self.device)
+            per = mean_triplet(self._sims(k, b), margins, self.data.negatives(b))
+            loss = small_loss_mean(per, keep_ratio)
+            self._step(k, loss)
+            total, steps = total + loss.item(), steps + 1
+        return total / max(steps, 1)
+
+    def hardest_loss(self, k: int, idx: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            margins = torch.full((idx.numel(),), self.cfg.alpha, device=self.device)
+        else:
+            margins = soft_margin(labels, self.cfg.alpha, self.cfg.soft_margin_base)
+        return hardest_triplet(self._sims(k, idx), margins, self.data.negatives(idx)).mean()
+
+    def train_epoch(
+        self,
+        k: int,
+        clean_idx: torch.Tensor,
+        clean_labels: torch.Tensor | None,
+        noisy_idx: torch.Tensor | None = None,
+        noisy_labels: torch.Tensor | None = None,
+        relabel: Callable[[int, torch.Tensor, torch.Tensor | None, bool], torch.Tensor | None] | None = None,
+    ) -> float:
+        """One pass over the clean set; each clean batch is paired with a noisy batch when noisy_idx is given.
+
+        Labels are indexed like the idx tensors they come with. ``relabel(k, batch_idx, batch_labels, is_clean)``
+        lets a method refine labels per batch with the current network (NCR's co-rectification does).
+        """
+        net = self.nets[k]
+        net.train()
+        pos_of = torch.full((len(self.data),), -1, dtype=torch.long, device=self.device)
+        pos_of[clean_idx] = torch.arange(clean_idx.numel(), device=self.device)
+        use_noisy = noisy_idx is not None and noisy_idx.numel() >= 2
+        if use_noisy:
+            npos_of = torch.full((len(self.data),), -1, dtype=torch.long, device=self.device)
+            npos_of[noisy_idx] = torch.arange(noisy_idx.numel(), device=self.device)
+            noisy_batches: list[torch.Tensor] = []
+        total, steps = 0.0, 0
+        for b in self._batches(k, clean_idx):
+            lab = None if clean_labels is None else clean_labels[pos_of[b]]
+            if relabel is not None:
+                lab = relabel(k, b, lab, True)
+            loss = self.hardest_loss(k, b, lab)
+            if use_noisy:
+                if not noisy_batches:
+                    noisy_batches = self._batches(k, noisy_idx)[::-1]
+                nb = noisy_batches.pop()
+                nlab = None if noisy_labels is None else noisy_labels[npos_of[nb]]
+                if relabel is not None:
+                    nlab = relabel(k, nb, nlab, False)
+                loss = loss + self.hardest_loss(k, nb, nlab)
+            self._step(k, loss)
+            total, steps = total + loss.item(), steps + 1
+        return total / max(steps, 1)

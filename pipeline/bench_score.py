@@ -1,0 +1,365 @@
+"""Scoring throughput from cached embeddings: pairs/s and peak RSS, for `BiCroModel.score` and the per-shard path.
+
+    python -m pipeline.bench_score [--pairs N] [--anchors K[,K...]] [--shard-pairs M] [--shards 2,8] [--no-append]
+
+One BiCro model is fitted quickly (one warm-up epoch, default 512/1024 sizes) on synthetic 512-d pairs; its
+anchor bank is then cut to each K (the K most confident anchors: what `anchor_top_k=K` keeps). Every point runs
+in a fresh subprocess so its peak RSS (getrusage maxrss) is its own:
+  score: `BiCroModel.score` on N pairs held in memory (the model alone);
+  path:  embeddings Parquet + matching tar shards -> duplicate_keys, score_shard, score_shard_stage (decide,
+         annotated/filtered Parquet, cleaned tars), finalize; run with 2 and 8 shards of M pairs so memory
+         can be checked flat in the number of shards.
+Prints a JSON and a Markdown table and appends the table to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import logging
+import os
+import pstats
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DIM = 512  # CLIP ViT-B/32's embedding size
+NOISE_RATE = 0.2
+THREADS = 2  # the project's default bicro.threads; also this machine's core count
+BENCH_DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+TARGET_PAIRS_PER_S = 50_000
+
+
+# ------------------------------------------------------------------------------------------- synthetic data
+
+
+def synthetic_pairs(n: int, seed: int, noise_rate: float = NOISE_RATE) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised image/text embeddings sharing a latent per pair; `noise_rate` of texts belong elsewhere.
+
+    The per-pair noise scale spreads clean cosines over ~0.1-0.5 (CLIP-like): with one scale every clean pair
+    has zero hinge loss and the loss mixture has nothing to separate, so almost nothing becomes an anchor.
+    """
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((n, DIM), dtype=np.float32)
+    scale = rng.uniform(1.0, 2.5, (n, 1)).astype(np.float32)
+    image = latent + scale * rng.standard_normal((n, DIM), dtype=np.float32)
+    text = latent + scale * rng.standard_normal((n, DIM), dtype=np.float32)
+    noisy = np.flatnonzero(rng.random(n) < noise_rate)
+    text[noisy] = text[rng.permutation(noisy)]  # mismatched captions, as the NCR noise protocol makes them
+    for x in (image, text):
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return image, text
+
+
+def fit_model(pool_pairs: int, train_pairs: int, seed: int = 0) -> Any:
+    """A BiCro model: one warm-up epoch on `train_pairs`, then the final division over `pool_pairs`.
+
+    Anchors come from the final division, so dividing a larger pool than was trained on gives a 100k-anchor
+    bank without training on 125k pairs (~10 min on 2 cores). `fit_bicro` is not called because it ends by
+    scoring every training pair against the whole anchor bank: at 100k anchors, the very cost measured here.
+    """
+    from models.bicro import BiCroParams, _threads, finalise, run_cotraining
+    from models.cotrain import CoTrainer, NegativeBank, PairData, seeded
+
+    image, text = synthetic_pairs(pool_pairs, seed)
+    train = min(train_pairs, pool_pairs)
+    params = BiCroParams(seed=seed, epochs=1, warmup_epochs=1, threads=THREADS)
+    keys = [f"fit/{i:09d}" for i in range(pool_pairs)]
+    with seeded(seed, "cpu"), _threads(THREADS):
+        data = PairData.build(image[:train], text[:train], "cpu")
+        bank = NegativeBank.sample(data, params.bank_size, seed)
+        trainer = CoTrainer(data, params.train_config(), seed, True, "cpu")
+        run_cotraining(trainer, data, bank, params, 0, time.time())
+        pool = data if train == pool_pairs else PairData.build(image, text, "cpu")
+        return finalise(trainer, pool, bank, params, keys, True, "cpu")
+
+
+def save_with_anchors(model: Any, anchors: int, path: Path) -> int:
+    """Save `model` with only its `anchors` most confident anchors (the bank is sorted by confidence)."""
+    full = (model.anchor_img, model.anchor_txt, model.anchor_keys)
+    kept = min(anchors, len(full[2]))
+    model.anchor_img, model.anchor_txt = full[0][:kept].contiguous(), full[1][:kept].contiguous()
+    model.anchor_keys = full[2][:kept]
+    model.params.anchor_top_k = kept
+    try:
+        model.save(path)
+    finally:
+        model.anchor_img, model.anchor_txt, model.anchor_keys = full
+    return kept
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, keys: list[str], captions: list[str], image: bytes) -> None:
+    """A shard whose samples match the embedding rows one to one (the write stage checks keys by position)."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for key, caption in zip(keys, captions):
+            for name, data in ((f"{key}.jpg", image), (f"{key}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+
+
+def write_embeddings(output: str, shard: str, keys: list[str], captions: list[str], image: np.ndarray,
+                     text: np.ndarray) -> None:
+    """An embeddings Parquet exactly as the embed stage writes it (pipeline.embed._embed_table + metadata)."""
+    from pipeline.embed import _embed_table, embedding_path
+    from pipeline.parquet_io import digest, package_version, write_parquet_atomic
+
+    rows = [{"key": k, "status": "ok", "reason": None, "detail": None, "caption": c, "width": 16, "height": 16,
+             "url": None, "uid": None, "image_sha256": None} for k, c in zip(keys, captions)]
+    table = _embed_table(rows, image, text, shard, (DIM, DIM))
+    encoder = {"spec": "synthetic-512", "kind": "synthetic", "image_dim": DIM, "text_dim": DIM, "aligned": True}
+    meta = {"stage": "embed", "cache_key": digest(shard, encoder), "encoder": encoder, "shard": shard,
+            "package_version": package_version(), "samples": len(rows), "errors": 0}
+    write_parquet_atomic(table, embedding_path(output, shard), meta)
+
+
+def make_dataset(root: Path, shards: int, shard_pairs: int, seed: int) -> tuple[str, str]:
+    """`shards` tar shards + their cached embeddings under root; returns (input glob, output dir)."""
+    (root / "in").mkdir(parents=True, exist_ok=True)
+    output, image_bytes = str(root / "out"), _jpeg()
+    for s in range(shards):
+        image, text = synthetic_pairs(shard_pairs, seed + 1000 + s)
+        keys = [f"s{s:03d}_{i:07d}" for i in range(shard_pairs)]
+        captions = [f"caption {s} {i}" for i in range(shard_pairs)]
+        shard = str(root / "in" / f"{s:05d}.tar")
+        write_tar(Path(shard), keys, captions, image_bytes)
+        write_embeddings(output, shard, keys, captions, image, text)
+    return str(root / "in" / "*.tar"), output
+
+
+# ------------------------------------------------------------------------------------ one measured point
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS in MiB.
+
+    /proc's VmHWM, not getrusage: Linux carries ru_maxrss across fork+exec, so a child spawned by a parent
+    holding 1 GB reports >= 1 GB whatever it does; VmHWM belongs to the child's own address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; no /proc elsewhere
+
+
+def measure_score(checkpoint: str, pairs: int, seed: int) -> dict[str, Any]:
+    """`BiCroModel.score` alone on `pairs` in-memory pairs with run-wide keys (as score_batch passes them)."""
+    from pipeline.score import load_model
+
+    model = load_model(checkpoint)
+    image, text = synthetic_pairs(pairs, seed + 1)
+    keys = [f"bench/{i:09d}" for i in range(pairs)]
+    rss_before = peak_rss_mib()
+    start = time.perf_counter()
+    model.score(image, text, keys=keys)
+    seconds = time.perf_counter() - start
+    return {"pairs": pairs, "seconds": seconds, "rss_before_mib": rss_before}
+
+
+def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> dict[str, Any]:
+    """duplicate_keys + per shard (score_shard, then score_shard_stage: decide and write) + finalize."""
+    from pipeline.config import CleanConfig
+    from pipeline.run import duplicate_keys, finalize_stage, input_shards, score_shard_stage
+    from pipeline.embed import embedding_path
+    from pipeline.score import load_model, score_shard
+
+    with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
+        pattern, output = make_dataset(Path(tmp), shards, shard_pairs, seed)
+        config = CleanConfig.model_validate({"input": pattern, "output": output})
+        urls = input_shards(config)
+        model = load_model(checkpoint)
+        rss_before = peak_rss_mib()
+        start = time.perf_counter()
+        duplicates = duplicate_keys([embedding_path(output, u) for u in urls])
+        for url in urls:  # scores first (cached on disk), so the stage below times decide + write alone
+            score_shard(url, output, checkpoint, model)
+        scored = time.perf_counter()
+        results = [score_shard_stage(config, u, checkpoint, None, duplicates, model) for u in urls]
+        finalize_stage(config, results, checkpoint)
+        end = time.perf_counter()
+    kept = sum(r["counts"]["kept"] for r in results)
+    return {"pairs": shards * shard_pairs, "seconds": end - start, "score_s": scored - start,
+            "decide_write_s": end - scored, "kept": kept, "rss_before_mib": rss_before}
+
+
+def run_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """Body of a point subprocess: measure, optionally profile, add pairs/s and peak RSS."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    profiler = cProfile.Profile() if spec.get("profile") else None
+    if profiler:
+        profiler.enable()
+    if spec["kind"] == "score":
+        result = measure_score(spec["checkpoint"], spec["pairs"], spec["seed"])
+    else:
+        result = measure_path(spec["checkpoint"], spec["shards"], spec["shard_pairs"], spec["seed"])
+    if profiler:
+        profiler.disable()
+        result["profile"] = profile_text(profiler)
+    result.update(pairs_per_s=result["pairs"] / result["seconds"], peak_rss_mib=peak_rss_mib())
+    return result
+
+
+def profile_text(profiler: cProfile.Profile, lines: int = 25) -> str:
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(lines)
+    return out.getvalue()
+
+
+def spawn_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one point in a fresh interpreter, so peak RSS covers that point only."""
+    done = subprocess.run([sys.executable, "-m", "pipeline.bench_score", "--point", json.dumps(spec)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark point {spec} failed:\n{done.stderr[-3000:]}")
+    return {**{k: v for k, v in spec.items() if k not in ("checkpoint", "profile")},
+            **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def machine_info() -> dict[str, Any]:
+    import platform
+
+    import faiss
+    import torch
+
+    from pipeline.parquet_io import cpu_threads
+
+    return {"cpu": _cpu_model(), "cpu_threads": cpu_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "faiss": faiss.__version__, "platform": platform.platform(),
+            # the cores are shared with other developers: a load above the core count means slower figures
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def run_benchmark(pairs: int, anchors: list[int], shard_pairs: int, shard_counts: list[int],
+                  fit_pairs: int, train_pairs: int, profile: bool, seed: int = 0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
+        start = time.perf_counter()
+        model = fit_model(fit_pairs, train_pairs, seed)
+        fit_s = time.perf_counter() - start
+        checkpoints = {}
+        for k in anchors:
+            path = Path(tmp) / f"bicro-{k}"
+            kept = save_with_anchors(model, k, path)
+            if kept < k:
+                logger.warning("only %d anchors available for the %d-anchor point (raise --fit-pairs)", kept, k)
+            checkpoints[kept] = str(path)
+        available = len(model.anchor_keys)
+        del model
+        points = []
+        for k, path in checkpoints.items():
+            points.append(spawn_point({"kind": "score", "anchors": k, "pairs": pairs, "seed": seed,
+                                       "checkpoint": path}))
+            for n in shard_counts:
+                points.append(spawn_point({"kind": "path", "anchors": k, "shards": n, "shard_pairs": shard_pairs,
+                                           "seed": seed, "checkpoint": path}))
+        if profile:  # the slowest setting, profiled apart so the timings above carry no profiler overhead
+            k = max(checkpoints)
+            points.append(spawn_point({"kind": "score", "anchors": k, "pairs": min(pairs, 8192), "seed": seed,
+                                       "checkpoint": checkpoints[k], "profile": True}))
+    machine = machine_info()  # after the points: the load average then covers the measured minutes
+    return {"benchmark": "score", "machine": machine, "fit": {"pairs": fit_pairs, "trained_on": min(train_pairs, fit_pairs), "seconds": round(fit_s, 1),
+            "anchors_available": available}, "target_pairs_per_s": TARGET_PAIRS_PER_S, "points": points}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    head = ("| what | anchors | shards x pairs | pairs/s | seconds | score / decide+write s | peak RSS MiB "
+            "| RSS before work MiB |\n|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for p in result["points"]:
+        if "profile" in p:
+            continue
+        what = "BiCroModel.score" if p["kind"] == "score" else "score_shard + decide + write"
+        layout = f"{p['shards']} x {p['shard_pairs']}" if p["kind"] == "path" else f"1 x {p['pairs']}"
+        split = f"{p['score_s']:.1f} / {p['decide_write_s']:.1f}" if p["kind"] == "path" else "-"
+        rows.append(f"| {what} | {p['anchors']} | {layout} | {p['pairs_per_s']:,.0f} | {p['seconds']:.1f} | "
+                    f"{split} | {p['peak_rss_mib']:,.0f} | {p['rss_before_mib']:,.0f} |")
+    return head + "\n".join(rows)
+
+
+def append_to_doc(result: dict[str, Any], command: str, path: Path = BENCH_DOC) -> None:
+    """Append (never rewrite: other benchmarks share the file) this run's table with command and machine."""
+    m = result["machine"]
+    section = (f"\n## Scoring throughput from cached embeddings ({time.strftime('%Y-%m-%d')})\n\n"
+               f"Command: `{command}`\n\n"
+               f"Machine: {m['cpu']}, {m['cpu_threads']} CPU threads, Python {m['python']}, torch {m['torch']}, "
+               f"faiss {m['faiss']}, 1-min load average {m['load_avg_1m']} at the end. BiCro 512-d embeddings, embed_dim 512, hidden_dim 1024, bicro.threads "
+               f"{THREADS}; one warm-up epoch on {result['fit']['trained_on']:,} synthetic pairs, anchors from the final "
+               f"division of {result['fit']['pairs']:,} ({result['fit']['seconds']} s). "
+               f"Each row ran in a fresh process (peak RSS is that row's own). Target: "
+               f"{TARGET_PAIRS_PER_S:,} pairs/s with <= 100k anchors.\n\n{markdown_table(result)}\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text("# Benchmarks\n")
+    with open(path, "a") as fh:
+        fh.write(section)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Scoring-stage throughput and memory benchmark")
+    parser.add_argument("--pairs", type=int, default=20_000, help="pairs for the BiCroModel.score points")
+    parser.add_argument("--anchors", type=_ints, default=[10_000, 100_000], help="anchor counts, comma separated")
+    parser.add_argument("--shard-pairs", type=int, default=4096, help="pairs per shard for the path points")
+    parser.add_argument("--shards", type=_ints, default=[2, 8], help="shard counts for the path points")
+    parser.add_argument("--fit-pairs", type=int, default=0, help="pairs divided for anchors (0: enough for them)")
+    parser.add_argument("--train-pairs", type=int, default=8192, help="pairs the warm-up epoch trains on")
+    parser.add_argument("--profile", action="store_true", help="add a cProfile'd score point at the most anchors")
+    parser.add_argument("--no-append", action="store_true", help=f"do not append to {BENCH_DOC.name}")
+    parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: one measured point, in a subprocess
+    args = parser.parse_args(argv)
+    if args.point:
+        print(json.dumps(run_point(json.loads(args.point))))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # ~(1 - NOISE_RATE) of the fit pairs end in the clean set, which is where anchors come from.
+    fit_pairs = args.fit_pairs or int(max(args.anchors) / (1 - NOISE_RATE) * 1.15)
+    result = run_benchmark(args.pairs, args.anchors, args.shard_pairs, args.shards, fit_pairs, args.train_pairs,
+                           args.profile)
+    print(json.dumps(result, indent=2))
+    table = markdown_table(result)
+    print(table)
+    if not args.no_append:
+        append_to_doc(result, "python -m pipeline.bench_score " + " ".join(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

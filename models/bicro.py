@@ -36,7 +36,7 @@ from models.cotrain import (
     seeded,
 )
 from models.matcher import Matcher
-from models.mixture import Mixture, fit_mixture, mixture_from_tensor, normalise_losses
+from models.mixture import Mixture, mixture_from_tensor, normalise_losses
 
 logger = logging.getLogger(__name__)
 
@@ -455,7 +455,9 @@ class BiCroModel:
             ranges.append((lo, hi))
         centers = None
         if "center0.image" in tensors:
-            centers = [(tensors[f"center{k}.image"].to(device), tensors[f"center{k}.text"].to(device)) for k in range(2)]
+            centers = [
+                (tensors[f"center{k}.image"].to(device), tensors[f"center{k}.text"].to(device)) for k in range(2)
+            ]
         bank = NegativeBank(
             tensors["bank.image"].to(device),
             tensors["bank.text"].to(device),

@@ -200,7 +200,9 @@ class Division:
     p_clean: np.ndarray
 
 
-def divide(net: Matcher, data: PairData, bank: NegativeBank, alpha: float, kind: str, iterations: int, seed: int) -> Division:
+def divide(
+    net: Matcher, data: PairData, bank: NegativeBank, alpha: float, kind: str, iterations: int, seed: int
+) -> Division:
     img, txt = embed_pairs(net, data.image, data.text)
     losses = bank_losses(net, img, txt, data.image_hash, data.text_hash, bank, alpha)
     lo, hi = float(losses.min()), float(losses.max())

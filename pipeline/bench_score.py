@@ -1,10 +1,11 @@
 """Scoring throughput from cached embeddings: pairs/s and peak RSS, for `BiCroModel.score` and the per-shard path.
 
-    python -m pipeline.bench_score [--pairs N] [--anchors K[,K...]] [--shard-pairs M] [--shards 2,8] [--no-append]
+    python -m pipeline.bench_score [--pairs N] [--anchors K[,K...]] [--shard-pairs M] [--shards 2,8] [--profile]
+                                      [--no-append]
 
 One BiCro model is fitted quickly (one warm-up epoch, default 512/1024 sizes) on synthetic 512-d pairs; its
 anchor bank is then cut to each K (the K most confident anchors: what `anchor_top_k=K` keeps). Every point runs
-in a fresh subprocess so its peak RSS (getrusage maxrss) is its own:
+in a fresh subprocess so its peak RSS (/proc VmHWM) is its own:
   score: `BiCroModel.score` on N pairs held in memory (the model alone);
   path:  embeddings Parquet + matching tar shards -> duplicate_keys, score_shard, score_shard_stage (decide,
          annotated/filtered Parquet, cleaned tars), finalize; run with 2 and 8 shards of M pairs so memory
@@ -172,10 +173,10 @@ def measure_score(checkpoint: str, pairs: int, seed: int) -> dict[str, Any]:
     image, text = synthetic_pairs(pairs, seed + 1)
     keys = [f"bench/{i:09d}" for i in range(pairs)]
     rss_before = peak_rss_mib()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model.score(image, text, keys=keys)
     seconds = time.perf_counter() - start
-    return {"pairs": pairs, "seconds": seconds, "rss_before_mib": rss_before}
+    return {"pairs": pairs, "seconds": seconds, "cpu_s": time.process_time() - cpu, "rss_before_mib": rss_before}
 
 
 def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> dict[str, Any]:
@@ -191,17 +192,17 @@ def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> d
         urls = input_shards(config)
         model = load_model(checkpoint)
         rss_before = peak_rss_mib()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         duplicates = duplicate_keys([embedding_path(output, u) for u in urls])
         for url in urls:  # scores first (cached on disk), so the stage below times decide + write alone
             score_shard(url, output, checkpoint, model)
         scored = time.perf_counter()
         results = [score_shard_stage(config, u, checkpoint, None, duplicates, model) for u in urls]
         finalize_stage(config, results, checkpoint)
-        end = time.perf_counter()
+        end, cpu = time.perf_counter(), time.process_time() - cpu
     kept = sum(r["counts"]["kept"] for r in results)
     return {"pairs": shards * shard_pairs, "seconds": end - start, "score_s": scored - start,
-            "decide_write_s": end - scored, "kept": kept, "rss_before_mib": rss_before}
+            "decide_write_s": end - scored, "cpu_s": cpu, "kept": kept, "rss_before_mib": rss_before}
 
 
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
@@ -293,13 +294,16 @@ def run_benchmark(pairs: int, anchors: list[int], shard_pairs: int, shard_counts
             points.append(spawn_point({"kind": "score", "anchors": k, "pairs": min(pairs, 8192), "seed": seed,
                                        "checkpoint": checkpoints[k], "profile": True}))
     machine = machine_info()  # after the points: the load average then covers the measured minutes
-    return {"benchmark": "score", "machine": machine, "fit": {"pairs": fit_pairs, "trained_on": min(train_pairs, fit_pairs), "seconds": round(fit_s, 1),
-            "anchors_available": available}, "target_pairs_per_s": TARGET_PAIRS_PER_S, "points": points}
+    fit = {"pairs": fit_pairs, "trained_on": min(train_pairs, fit_pairs), "seconds": round(fit_s, 1),
+           "anchors_available": available}
+    return {"benchmark": "score", "machine": machine, "fit": fit, "target_pairs_per_s": TARGET_PAIRS_PER_S,
+            "points": points}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    head = ("| what | anchors | shards x pairs | pairs/s | seconds | score / decide+write s | peak RSS MiB "
-            "| RSS before work MiB |\n|---|---|---|---|---|---|---|---|\n")
+    # CPU s next to wall s shows contention: uncontended, wall ~ CPU / THREADS
+    head = ("| what | anchors | shards x pairs | pairs/s | wall s | CPU s | score / decide+write wall s "
+            "| peak RSS MiB | RSS before work MiB |\n|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for p in result["points"]:
         if "profile" in p:
@@ -308,7 +312,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         layout = f"{p['shards']} x {p['shard_pairs']}" if p["kind"] == "path" else f"1 x {p['pairs']}"
         split = f"{p['score_s']:.1f} / {p['decide_write_s']:.1f}" if p["kind"] == "path" else "-"
         rows.append(f"| {what} | {p['anchors']} | {layout} | {p['pairs_per_s']:,.0f} | {p['seconds']:.1f} | "
-                    f"{split} | {p['peak_rss_mib']:,.0f} | {p['rss_before_mib']:,.0f} |")
+                    f"{p['cpu_s']:.1f} | {split} | {p['peak_rss_mib']:,.0f} | {p['rss_before_mib']:,.0f} |")
     return head + "\n".join(rows)
 
 
@@ -318,9 +322,10 @@ def append_to_doc(result: dict[str, Any], command: str, path: Path = BENCH_DOC) 
     section = (f"\n## Scoring throughput from cached embeddings ({time.strftime('%Y-%m-%d')})\n\n"
                f"Command: `{command}`\n\n"
                f"Machine: {m['cpu']}, {m['cpu_threads']} CPU threads, Python {m['python']}, torch {m['torch']}, "
-               f"faiss {m['faiss']}, 1-min load average {m['load_avg_1m']} at the end. BiCro 512-d embeddings, embed_dim 512, hidden_dim 1024, bicro.threads "
-               f"{THREADS}; one warm-up epoch on {result['fit']['trained_on']:,} synthetic pairs, anchors from the final "
-               f"division of {result['fit']['pairs']:,} ({result['fit']['seconds']} s). "
+               f"faiss {m['faiss']}, 1-min load average {m['load_avg_1m']} at the end. BiCro on 512-d embeddings, "
+               f"embed_dim 512, hidden_dim 1024, bicro.threads {THREADS}; one warm-up epoch on "
+               f"{result['fit']['trained_on']:,} synthetic pairs, anchors from the final division of "
+               f"{result['fit']['pairs']:,} ({result['fit']['seconds']} s). "
                f"Each row ran in a fresh process (peak RSS is that row's own). Target: "
                f"{TARGET_PAIRS_PER_S:,} pairs/s with <= 100k anchors.\n\n{markdown_table(result)}\n")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +341,7 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Scoring-stage throughput and memory benchmark")
-    parser.add_argument("--pairs", type=int, default=20_000, help="pairs for the BiCroModel.score points")
+    parser.add_argument("--pairs", type=int, default=16_384, help="pairs for the BiCroModel.score points")
     parser.add_argument("--anchors", type=_ints, default=[10_000, 100_000], help="anchor counts, comma separated")
     parser.add_argument("--shard-pairs", type=int, default=4096, help="pairs per shard for the path points")
     parser.add_argument("--shards", type=_ints, default=[2, 8], help="shard counts for the path points")

@@ -190,7 +190,8 @@ def fit_ncr(bench: Benchmark, params: BiCroParams, device: str) -> tuple[list[Ma
                 ct = torch.from_numpy(np.flatnonzero(clean)).to(device)
                 nt = torch.from_numpy(np.flatnonzero(~clean)).to(device) if epoch >= noisy_from else None
                 trainer.train_epoch(k, ct, None, nt, None, relabel=_ncr_relabel(trainer, w, params.alpha))
-            logger.info("ncr epoch %d/%d: clean %s", epoch + 1, params.epochs, [int((d.p_clean > 0.5).sum()) for d in divs])
+            clean_sizes = [int((d.p_clean > params.clean_threshold).sum()) for d in divs]
+            logger.info("ncr epoch %d/%d: clean sets %s", epoch + 1, params.epochs, clean_sizes)
         divs = [_ncr_divide(trainer.nets[k], data, bank, gmm) for k in range(2)]
         outputs = _ncr_outputs(trainer, divs, params, device)
     return trainer.nets, outputs

@@ -118,7 +118,8 @@ def _toy(n_img: int = 60, per: int = 4, noise: float = 0.3, seed: int = 0):
 
 
 PARAMS = BiCroParams(
-    epochs=3, warmup_epochs=1, batch_size=32, embed_dim=16, hidden_dim=32, bank_size=48, lr=1e-3, top_anchors=20, threads=1
+    epochs=3, warmup_epochs=1, batch_size=32, embed_dim=16, hidden_dim=32, bank_size=48, lr=1e-3, top_anchors=20,
+    threads=1,
 )
 
 

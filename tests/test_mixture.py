@@ -35,7 +35,9 @@ def test_bmm_default_iterations_separate_as_well_as_the_true_mixture():
 def test_clean_component_is_lower_mean_regardless_of_order():
     x, _ = _two_betas(seed=2)
     mix = BetaMixture.fit(x)
-    swapped = BetaMixture(alphas=mix.alphas[::-1].copy(), betas=mix.betas[::-1].copy(), weights=mix.weights[::-1].copy())
+    swapped = BetaMixture(
+        alphas=mix.alphas[::-1].copy(), betas=mix.betas[::-1].copy(), weights=mix.weights[::-1].copy()
+    )
     assert swapped.clean_component() == 1 - mix.clean_component()
     assert np.allclose(swapped.posterior_clean(x), mix.posterior_clean(x))
     # an explicit mixture whose clean (low-loss) component is index 1

@@ -326,11 +326,13 @@ class CoTrainer:
         noisy_idx: torch.Tensor | None = None,
         noisy_labels: torch.Tensor | None = None,
         relabel: Callable[[int, torch.Tensor, torch.Tensor | None, bool], torch.Tensor | None] | None = None,
+        drop_zero: bool = False,
     ) -> float:
         """One pass over the clean set; each clean batch is paired with a noisy batch when noisy_idx is given.
 
         Labels are indexed like the idx tensors they come with. ``relabel(k, batch_idx, batch_labels, is_clean)``
         lets a method refine labels per batch with the current network (NCR's co-rectification does).
+        With ``drop_zero``, noisy-batch pairs whose (refined) label is 0 are left out of the loss.
         """
         net = self.nets[k]
         net.train()
@@ -354,7 +356,12 @@ class CoTrainer:
                 nlab = None if noisy_labels is None else noisy_labels[npos_of[nb]]
                 if relabel is not None:
                     nlab = relabel(k, nb, nlab, False)
-                loss = loss + self.hardest_loss(k, nb, nlab)
+                if drop_zero and nlab is not None:
+                    # a label of 0 still asks the positive to beat every negative (margin 0): memorisation
+                    keep = nlab > 0
+                    nb, nlab = nb[keep], nlab[keep]
+                if nb.numel() >= 2:
+                    loss = loss + self.hardest_loss(k, nb, nlab)
             self._step(k, loss)
             total, steps = total + loss.item(), steps + 1
         return total / max(steps, 1)

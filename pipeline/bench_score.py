@@ -220,7 +220,9 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     if profiler:
         profiler.disable()
         result["profile"] = profile_text(profiler)
-    result.update(pairs_per_s=result["pairs"] / result["seconds"], peak_rss_mib=peak_rss_mib())
+    # 1-min load average as the point ends: the cores are shared, and a load above THREADS means slower figures
+    result.update(pairs_per_s=result["pairs"] / result["seconds"], peak_rss_mib=peak_rss_mib(),
+                  load_avg_1m=round(os.getloadavg()[0], 1))
     return result
 
 
@@ -253,7 +255,6 @@ def machine_info() -> dict[str, Any]:
 
     return {"cpu": _cpu_model(), "cpu_threads": cpu_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "faiss": faiss.__version__, "platform": platform.platform(),
-            # the cores are shared with other developers: a load above the core count means slower figures
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -293,7 +294,7 @@ def run_benchmark(pairs: int, anchors: list[int], shard_pairs: int, shard_counts
             k = max(checkpoints)
             points.append(spawn_point({"kind": "score", "anchors": k, "pairs": min(pairs, 8192), "seed": seed,
                                        "checkpoint": checkpoints[k], "profile": True}))
-    machine = machine_info()  # after the points: the load average then covers the measured minutes
+    machine = machine_info()
     fit = {"pairs": fit_pairs, "trained_on": min(train_pairs, fit_pairs), "seconds": round(fit_s, 1),
            "anchors_available": available}
     return {"benchmark": "score", "machine": machine, "fit": fit, "target_pairs_per_s": TARGET_PAIRS_PER_S,
@@ -301,9 +302,9 @@ def run_benchmark(pairs: int, anchors: list[int], shard_pairs: int, shard_counts
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    # CPU s next to wall s shows contention: uncontended, wall ~ CPU / THREADS
+    # CPU s next to wall s shows contention: uncontended, wall ~ CPU / THREADS and the load stays <= THREADS
     head = ("| what | anchors | shards x pairs | pairs/s | wall s | CPU s | score / decide+write wall s "
-            "| peak RSS MiB | RSS before work MiB |\n|---|---|---|---|---|---|---|---|---|\n")
+            "| peak RSS MiB | RSS before work MiB | load |\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for p in result["points"]:
         if "profile" in p:
@@ -312,7 +313,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         layout = f"{p['shards']} x {p['shard_pairs']}" if p["kind"] == "path" else f"1 x {p['pairs']}"
         split = f"{p['score_s']:.1f} / {p['decide_write_s']:.1f}" if p["kind"] == "path" else "-"
         rows.append(f"| {what} | {p['anchors']} | {layout} | {p['pairs_per_s']:,.0f} | {p['seconds']:.1f} | "
-                    f"{p['cpu_s']:.1f} | {split} | {p['peak_rss_mib']:,.0f} | {p['rss_before_mib']:,.0f} |")
+                    f"{p['cpu_s']:.1f} | {split} | {p['peak_rss_mib']:,.0f} | {p['rss_before_mib']:,.0f} | "
+                    f"{p['load_avg_1m']} |")
     return head + "\n".join(rows)
 
 
@@ -322,7 +324,8 @@ def append_to_doc(result: dict[str, Any], command: str, path: Path = BENCH_DOC) 
     section = (f"\n## Scoring throughput from cached embeddings ({time.strftime('%Y-%m-%d')})\n\n"
                f"Command: `{command}`\n\n"
                f"Machine: {m['cpu']}, {m['cpu_threads']} CPU threads, Python {m['python']}, torch {m['torch']}, "
-               f"faiss {m['faiss']}, 1-min load average {m['load_avg_1m']} at the end. BiCro on 512-d embeddings, "
+               f"faiss {m['faiss']}; the cores are shared with other developers (the load column is the 1-min load "
+               f"average as each point ended). BiCro on 512-d embeddings, "
                f"embed_dim 512, hidden_dim 1024, bicro.threads {THREADS}; one warm-up epoch on "
                f"{result['fit']['trained_on']:,} synthetic pairs, anchors from the final division of "
                f"{result['fit']['pairs']:,} ({result['fit']['seconds']} s). "

@@ -163,6 +163,8 @@ def build_venv(target: Path, pins: tuple[str, ...] = DOWNSTREAM_PINS) -> float:
 def downstream_python() -> Path:
     target = venv_dir()
     if not _is_ready(target):
+        if "BICRO_DOWNSTREAM_VENV" in os.environ and target.exists():  # never delete a folder we did not make
+            raise RuntimeError(f"BICRO_DOWNSTREAM_VENV={target} exists but has no bin/python")
         seconds = build_venv(target)
         logger.warning("built downstream venv %s in %.0f s", target, seconds)
         print(f"\nbuilt downstream venv {target} in {seconds:.0f} s")

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.noise import caption_noise, noisy_count
 from pipeline.shards import IMAGE_EXTENSIONS
+from pipeline.writers import tar_info
 
 logger = logging.getLogger(__name__)
 
@@ -138,21 +139,13 @@ def _pairs(rows: list[CaptionRow], noise_rate: float, noise_seed: int) -> list[P
 # -------------------------------------------------------------------------------------------------------- output
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
 def write_tar(path: Path, members: dict[str, bytes]) -> None:
     """Deterministic tar, written to a temp file and renamed so a crash never leaves half a shard."""
     temp = path.with_name(f".{path.name}.tmp")
     try:
         with tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for name in sorted(members):
-                tar.addfile(_tarinfo(name, len(members[name])), io.BytesIO(members[name]))
+                tar.addfile(tar_info(name, len(members[name])), io.BytesIO(members[name]))
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

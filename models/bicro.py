@@ -28,13 +28,13 @@ from models.cotrain import (
     NegativeBank,
     PairData,
     TrainConfig,
-    bank_losses,
     chunked,
     divide,
     embed_pairs,
     row_hashes,
     seeded,
 )
+from models.losses import bank_mean_hinge
 from models.matcher import Matcher
 from models.mixture import Mixture, mixture_from_tensor, normalise_losses
 
@@ -73,10 +73,19 @@ class BiCroParams:
     bank_size: int = 512
     mixture_iterations: int = 10
     threads: int = 2  # torch/faiss CPU threads in fit and score; fixed so float sums match across machines; 0 = inherit
+    # Anchor search when scoring (training always searches exactly): "flat" = exact, "ivf" = faiss IndexIVFFlat,
+    # approximate but ~A / (nlist + nprobe * A / nlist) times less work (docs/benchmarks.md measures the cost).
+    anchor_index: str = "flat"
+    ivf_nlist: int = 0  # inverted lists; 0 = about 4 * sqrt(distinct anchor rows)
+    ivf_nprobe: int = 16  # lists visited per query
 
     def validate(self) -> None:
         if self.division not in ("bmm", "gmm"):
             raise ValueError(f"division must be 'bmm' or 'gmm', got {self.division!r}")
+        if self.anchor_index not in ("flat", "ivf"):
+            raise ValueError(f"anchor_index must be 'flat' or 'ivf', got {self.anchor_index!r}")
+        if self.ivf_nlist < 0 or self.ivf_nprobe < 1:
+            raise ValueError("ivf_nlist must be >= 0 and ivf_nprobe >= 1")
         if self.warmup_epochs > self.epochs:
             raise ValueError("warmup_epochs must not exceed epochs")
         if self.batch_size < 2:
@@ -141,44 +150,137 @@ def _two_reps(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rep1, rep2, inverse
 
 
-def _search(index: faiss.Index, queries: np.ndarray, k: int) -> np.ndarray:
+def _padded(part: np.ndarray, chunk: int) -> np.ndarray:
+    """Queries zero-padded to `chunk` rows: every search call then has the same shape (faiss switches between a
+    BLAS and a sequential kernel with the number of queries, and the two round differently)."""
+    if len(part) < chunk:
+        part = np.concatenate([part, np.zeros((chunk - len(part), part.shape[1]), dtype=np.float32)])
+    return np.ascontiguousarray(part, dtype=np.float32)
+
+
+def _search(index: faiss.Index, queries: np.ndarray, k: int, chunk: int = CHUNK) -> np.ndarray:
     """faiss search on fixed-size zero-padded chunks, so a query's answer never depends on the others."""
     out = []
-    for start in range(0, len(queries), CHUNK):
-        part = queries[start : start + CHUNK]
-        n = len(part)
-        if n < CHUNK:
-            part = np.concatenate([part, np.zeros((CHUNK - n, part.shape[1]), dtype=np.float32)])
-        _, ids = index.search(np.ascontiguousarray(part, dtype=np.float32), k)
-        out.append(ids[:n])
+    for start in range(0, len(queries), chunk):
+        part = queries[start : start + chunk]
+        _, ids = index.search(_padded(part, chunk), k)
+        out.append(ids[: len(part)])
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
-def nearest_anchor(queries: torch.Tensor, bank: torch.Tensor, self_index: np.ndarray) -> np.ndarray:
+def _torch_search(rows: torch.Tensor, queries: torch.Tensor, k: int, chunk: int) -> np.ndarray:
+    """Exact inner-product top-k with torch on fixed-size zero-padded chunks (the CUDA path: no faiss-gpu)."""
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        part = queries[start : start + chunk]
+        n = part.shape[0]
+        if n < chunk:
+            part = torch.cat([part, part.new_zeros((chunk - n, part.shape[1]))])
+        out.append(torch.topk(part @ rows.T, k, dim=1).indices[:n].cpu())
+    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros((0, k), dtype=np.int64)
+
+
+def auto_nlist(rows: int) -> int:
+    """IVF list count: ~4 sqrt(rows), with >= 39 training rows per list (faiss k-means warns below that)."""
+    return max(1, min(int(round(4 * math.sqrt(rows))), rows // 39))
+
+
+def _ivf_index(rows: np.ndarray, nlist: int, nprobe: int, seed: int) -> faiss.Index:
+    """faiss IndexIVFFlat on unit rows; k-means with a fixed seed, so the same bank gives the same index."""
+    d = rows.shape[1]
+    nlist = min(nlist or auto_nlist(len(rows)), len(rows))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.cp.spherical = True  # unit-norm centroids: inner-product assignment, as the search uses
+    index.cp.max_points_per_centroid = 64  # k-means on <= 64 rows per list: seconds, not minutes, at 100k
+    index.train(rows)
+    index.add(rows)
+    index.nprobe = min(nprobe, nlist)
+    index.referenced_quantizer = quantizer  # the IVF index does not own its quantizer
+    return index
+
+
+@dataclass
+class AnchorIndex:
+    """One modality's anchor bank ready to search: its distinct rows and a search structure over them.
+
+    Exact duplicate bank rows (one photo, several anchor captions) are indexed once; rep1/rep2 give the first two
+    bank indices of each distinct row, so a query can fall back to the duplicate when the first is itself.
+    Built once per loaded model (BiCroModel.anchor_indexes), not once per score() call.
+    """
+
+    rep1: np.ndarray  # (R,) first bank index of each distinct row
+    rep2: np.ndarray  # (R,) second bank index or -1
+    k: int  # neighbours fetched per query (2: the nearest may be the query itself)
+    index: faiss.Index | None = None  # CPU search (flat or IVF)
+    rows: torch.Tensor | None = None  # distinct rows on the GPU: exact search with torch matmul
+    kind: str = "flat"
+
+    @classmethod
+    def build(cls, bank: torch.Tensor, kind: str = "flat", nlist: int = 0, nprobe: int = 16,
+              seed: int = 0) -> "AnchorIndex":
+        bank_np = np.ascontiguousarray(bank.detach().float().cpu().numpy())
+        rep1, rep2, _ = _two_reps(row_hashes(bank_np))
+        distinct = np.ascontiguousarray(bank_np[rep1])
+        k = min(2, len(rep1))
+        # IVF needs enough rows to train lists; below a few lists' worth exact search is cheap anyway
+        if kind == "ivf" and len(distinct) >= 4 * 39:
+            return cls(rep1, rep2, k, index=_ivf_index(distinct, nlist, nprobe, seed), kind="ivf")
+        if bank.device.type == "cuda":
+            return cls(rep1, rep2, k, rows=bank[torch.from_numpy(rep1).to(bank.device)].float().contiguous())
+        index = faiss.IndexFlatIP(distinct.shape[1])
+        index.add(distinct)
+        return cls(rep1, rep2, k, index=index)
+
+    def search(self, queries: torch.Tensor, chunk: int = CHUNK) -> np.ndarray:
+        """(n, k) distinct-row ids of each query's nearest rows; chunked, so independent of the other queries."""
+        if self.rows is not None and queries.device.type == "cuda":
+            return _torch_search(self.rows, queries.float(), self.k, chunk)
+        if self.rows is not None:
+            self.index = faiss.IndexFlatIP(self.rows.shape[1])
+            self.index.add(np.ascontiguousarray(self.rows.cpu().numpy()))
+            self.rows = None
+        q_np = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        return _search(self.index, q_np, self.k, chunk)
+
+    def best(self, hits: np.ndarray, self_index: np.ndarray) -> np.ndarray:
+        """Bank index of each query's nearest anchor that is not the query's own row (-1 if none)."""
+        best = np.full(len(hits), -1, dtype=np.int64)
+        for j in range(hits.shape[1]):
+            for cand in (self.rep1[hits[:, j]], self.rep2[hits[:, j]]):
+                take = (best < 0) & (cand >= 0) & (cand != self_index)
+                best[take] = cand[take]
+        return best
+
+
+def nearest_anchor(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    self_index: np.ndarray,
+    index: AnchorIndex | None = None,
+    groups: tuple[np.ndarray, np.ndarray] | None = None,
+    chunk: int = CHUNK,
+) -> np.ndarray:
     """Index of the bank row with the highest inner product, never the query's own row (-1 if none left).
 
     Exact duplicate bank rows (one photo, several anchor captions) are searched once; ties between them go to
     the lowest bank index, and duplicate queries are searched once. That keeps 30k x 25k searches cheap.
+    `index` is a prepared AnchorIndex of `bank` (built here when None); `groups` = (first row, inverse) of the
+    distinct queries when the caller already knows them (scoring knows them from the raw input rows).
     """
     n = queries.shape[0]
     if bank.shape[0] == 0 or n == 0:
         return np.full(n, -1, dtype=np.int64)
-    bank_np = np.ascontiguousarray(bank.detach().float().cpu().numpy())
-    rep1, rep2, _ = _two_reps(row_hashes(bank_np))
-    index = faiss.IndexFlatIP(bank_np.shape[1])
-    index.add(bank_np[rep1])
-    q_np = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-    _, q_first, q_inv = np.unique(row_hashes(q_np), return_index=True, return_inverse=True)
-    k = min(2, len(rep1))
-    hits = _search(index, q_np[q_first], k)[q_inv.reshape(-1)]  # (n, k) distinct-row ids
-    cands = []
-    for j in range(k):
-        cands += [rep1[hits[:, j]], rep2[hits[:, j]]]
-    best = np.full(n, -1, dtype=np.int64)
-    for cand in cands:
-        take = (best < 0) & (cand >= 0) & (cand != self_index)
-        best[take] = cand[take]
-    return best
+    index = index if index is not None else AnchorIndex.build(bank)
+    if groups is None:
+        q_np = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        _, q_first, q_inv = np.unique(row_hashes(q_np), return_index=True, return_inverse=True)
+    else:
+        q_first, q_inv = groups
+    first = torch.from_numpy(np.asarray(q_first, dtype=np.int64)).to(queries.device)
+    hits = index.search(queries[first], chunk)[np.asarray(q_inv).reshape(-1)]  # (n, k) distinct-row ids
+    return index.best(hits, self_index)
 
 
 def consistency_labels(
@@ -187,6 +289,9 @@ def consistency_labels(
     anchor_img: torch.Tensor,
     anchor_txt: torch.Tensor,
     self_index: np.ndarray | torch.Tensor | None = None,
+    indexes: tuple[AnchorIndex, AnchorIndex] | None = None,
+    groups: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+    chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bidirectional cross-modal similarity consistency of each pair with its nearest anchors.
 
@@ -195,12 +300,16 @@ def consistency_labels(
     v = cos(T_n, T_a*), r_i2t = min(u, v) / max(u, v) (0 when u <= 0 or v <= 0). t2i: likewise with b* = anchor
     whose text is nearest to text n. consistency = (r_i2t + r_t2i) / 2.
     Returns (consistency, r_i2t, r_t2i, anchor_for_image, anchor_for_text); anchors are int64 bank indices.
+    `indexes` (image, text) are prepared AnchorIndexes of the banks and `groups` the distinct image / text query
+    rows (see nearest_anchor); scoring passes both, training builds them per call.
     """
     n = img_emb.shape[0]
     own = np.full(n, -1, dtype=np.int64) if self_index is None else np.asarray(torch.as_tensor(self_index).cpu())
     dev = img_emb.device
-    a_img = nearest_anchor(img_emb, anchor_img, own)
-    a_txt = nearest_anchor(txt_emb, anchor_txt, own)
+    idx_i, idx_t = indexes if indexes is not None else (None, None)
+    grp_i, grp_t = groups if groups is not None else (None, None)
+    a_img = nearest_anchor(img_emb, anchor_img, own, idx_i, grp_i, chunk)
+    a_txt = nearest_anchor(txt_emb, anchor_txt, own, idx_t, grp_t, chunk)
 
     def ratio_with(anchor: np.ndarray) -> torch.Tensor:
         if n == 0:
@@ -298,6 +407,45 @@ def labels_from_division(div: Division, params: BiCroParams) -> EpochLabels:
 # ------------------------------------------------------------------------------------------- model
 
 
+SCORE_CHUNK_CPU = 256
+SCORE_CHUNK_CUDA = 2048
+
+
+def _row_groups(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first row of each distinct hash, each row's distinct id)."""
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    return first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))])
+
+
+@dataclass
+class ScoringState:
+    """What every score() call reuses: each network's embedding of the negative bank, the bank's row hashes on
+    the model's device, and the (image, text) anchor indexes. Built once per loaded model."""
+
+    bank_emb: list[tuple[torch.Tensor, torch.Tensor]]
+    bank_ih: torch.Tensor
+    bank_th: torch.Tensor
+    indexes: tuple[AnchorIndex, AnchorIndex] | None
+
+    @classmethod
+    def build(cls, model: "BiCroModel") -> "ScoringState":
+        p, dev = model.params, model.device
+        bank_emb = [embed_pairs(net, model.bank.image.to(dev), model.bank.text.to(dev)) for net in model.nets]
+        indexes = None
+        if model.anchor_img.shape[0] > 0:
+            indexes = tuple(
+                AnchorIndex.build(bank.to(dev), p.anchor_index, p.ivf_nlist, p.ivf_nprobe, p.seed)
+                for bank in (model.anchor_img, model.anchor_txt)
+            )
+        return cls(bank_emb, torch.from_numpy(model.bank.image_hash).to(dev),
+                   torch.from_numpy(model.bank.text_hash).to(dev), indexes)
+
+
+
 class BiCroModel:
     """Both networks plus everything needed to score pairs never seen in training, exactly as in training."""
 
@@ -321,14 +469,56 @@ class BiCroModel:
         self.mixtures = mixtures
         self.loss_ranges = loss_ranges
         self.bank = bank
+        self._state: ScoringState | None = None  # search indexes + bank embeddings, built on first score()
         self.anchor_img = anchor_img
         self.anchor_txt = anchor_txt
         self.anchor_keys = list(anchor_keys)
-        self._anchor_pos = {key: i for i, key in enumerate(self.anchor_keys)}
         self.aligned = aligned
         self.device = torch.device(device)
 
+    # Replacing the anchor bank (finalise does, after construction) drops the prepared search state.
+    @property
+    def anchor_img(self) -> torch.Tensor:
+        return self._anchor_img
+
+    @anchor_img.setter
+    def anchor_img(self, value: torch.Tensor) -> None:
+        self._anchor_img, self._state = value, None
+
+    @property
+    def anchor_txt(self) -> torch.Tensor:
+        return self._anchor_txt
+
+    @anchor_txt.setter
+    def anchor_txt(self, value: torch.Tensor) -> None:
+        self._anchor_txt, self._state = value, None
+
+    @property
+    def anchor_keys(self) -> list[str]:
+        return self._anchor_keys
+
+    @anchor_keys.setter
+    def anchor_keys(self, value: list[str]) -> None:
+        self._anchor_keys = list(value)
+        self._anchor_pos = {key: i for i, key in enumerate(self._anchor_keys)}
+
     # ---- scoring
+
+    @property
+    def score_chunk(self) -> int:
+        """Rows per fixed-shape chunk when scoring: small on CPU (a call of 16 pairs pads to 256 rows, not 1,024;
+        sgemm is as fast at 256 rows), large on a GPU (fewer kernel launches)."""
+        return SCORE_CHUNK_CUDA if self.device.type == "cuda" else SCORE_CHUNK_CPU
+
+    def scoring_state(self) -> "ScoringState":
+        """Anchor indexes and bank embeddings: built once per loaded model, not once per score() call."""
+        if self._state is None:
+            start = time.perf_counter()
+            with torch.no_grad(), _threads(self.params.threads):
+                self._state = ScoringState.build(self)
+            logger.info("scoring state: %d anchors, %s index, %.1fs", len(self.anchor_keys),
+                        self._state.indexes[0].kind if self._state.indexes else "-", time.perf_counter() - start)
+        return self._state
 
     def consistency_embeddings(
         self, img_nets: list[torch.Tensor], txt_nets: list[torch.Tensor]
@@ -346,21 +536,53 @@ class BiCroModel:
             raise ValueError(f"{len(keys)} keys for {n} pairs")
         return np.array([self._anchor_pos.get(k, -1) for k in keys], dtype=np.int64)
 
-    def _score_block(self, image: torch.Tensor, text: torch.Tensor, own: np.ndarray) -> dict[str, np.ndarray]:
-        ih, th = row_hashes(image.cpu().numpy()), row_hashes(text.cpu().numpy())
-        p_nets, img_nets, txt_nets = [], [], []
-        for net, mix, (lo, hi) in zip(self.nets, self.mixtures, self.loss_ranges):
-            img, txt = embed_pairs(net, image, text)
-            losses = bank_losses(net, img, txt, ih, th, self.bank, self.params.alpha)
+    def _bank_losses(self, k: int, img: torch.Tensor, txt: torch.Tensor, ih: torch.Tensor,
+                     th: torch.Tensor) -> np.ndarray:
+        """models.cotrain.bank_losses with the bank embedded once (ScoringState) instead of on every call."""
+        st, chunk = self.scoring_state(), self.score_chunk
+        bank_img, bank_txt = st.bank_emb[k]
+        out = []
+        for start in range(0, img.shape[0], chunk):
+            qi, qt = img[start : start + chunk], txt[start : start + chunk]
+            hi, ht = ih[start : start + chunk], th[start : start + chunk]
+            n = qi.shape[0]
+            if n < chunk:  # same kernel shapes for every chunk
+                qi, qt = _pad_rows(qi, chunk), _pad_rows(qt, chunk)
+                hi, ht = _pad_rows(hi, chunk), _pad_rows(ht, chunk)
+            pos = (qi * qt).sum(dim=1)
+            valid = ((hi[:, None] != st.bank_ih[None, :]) & (ht[:, None] != st.bank_th[None, :])).float()
+            out.append(bank_mean_hinge(pos, qi @ bank_txt.T, qt @ bank_img.T, self.params.alpha, valid)[:n])
+        return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
+
+    def _score_block(self, image_np: np.ndarray, text_np: np.ndarray, own: np.ndarray) -> dict[str, np.ndarray]:
+        st, chunk = self.scoring_state(), self.score_chunk
+        # Raw rows hashed once: the hashes skip same-row bank negatives, and their groups let each distinct
+        # image / caption go through the heads and the anchor search once (5 captions share one photo).
+        ih, th = row_hashes(image_np), row_hashes(text_np)
+        g_img, g_txt = _row_groups(ih), _row_groups(th)
+        image = torch.from_numpy(image_np[g_img[0]]).to(self.device)
+        text = torch.from_numpy(text_np[g_txt[0]]).to(self.device)
+        inv_i = torch.from_numpy(g_img[1]).to(self.device)
+        inv_t = torch.from_numpy(g_txt[1]).to(self.device)
+        ih_t, th_t = torch.from_numpy(ih).to(self.device), torch.from_numpy(th).to(self.device)
+        p_nets, img_u, txt_u, img_nets, txt_nets = [], [], [], [], []
+        for k, (net, mix, (lo, hi)) in enumerate(zip(self.nets, self.mixtures, self.loss_ranges)):
+            img_u.append(chunked(net.embed_images, image, chunk))
+            txt_u.append(chunked(net.embed_texts, text, chunk))
+            img_nets.append(img_u[-1][inv_i])
+            txt_nets.append(txt_u[-1][inv_t])
+            losses = self._bank_losses(k, img_nets[-1], txt_nets[-1], ih_t, th_t)
             p_nets.append(mix.posterior_clean(normalise_losses(losses, lo, hi)))
-            img_nets.append(img)
-            txt_nets.append(txt)
         both = torch.cat([torch.cat(img_nets, 1), torch.cat(txt_nets, 1)], 1)
         d = img_nets[0].shape[1]
         # mean of the two networks' cosines, on fixed-shape chunks
-        match = chunked(lambda x: ((x[:, : 2 * d] * x[:, 2 * d :]).sum(1) / 2)[:, None], both)[:, 0]
-        ens_img, ens_txt = self.consistency_embeddings(img_nets, txt_nets)
-        c, r_i2t, r_t2i, a_i, a_t = consistency_labels(ens_img, ens_txt, self.anchor_img, self.anchor_txt, own)
+        match = chunked(lambda x: ((x[:, : 2 * d] * x[:, 2 * d :]).sum(1) / 2)[:, None], both, chunk)[:, 0]
+        ens_img_u, ens_txt_u = self.consistency_embeddings(img_u, txt_u)
+        # the anchor searches run once per distinct image / caption (the groups of the raw rows)
+        c, r_i2t, r_t2i, a_i, a_t = consistency_labels(
+            ens_img_u[inv_i], ens_txt_u[inv_t], self.anchor_img, self.anchor_txt, own, st.indexes, (g_img, g_txt),
+            chunk,
+        )
         c_np = c.double().cpu().numpy()
         top = top_anchor_mask(own, self.params.top_anchors)
         labels = [
@@ -387,13 +609,12 @@ class BiCroModel:
         if len(text_emb) != n:
             raise ValueError(f"{n} images but {len(text_emb)} texts")
         own = self._self_index(keys, n)
-        step = max(CHUNK, (batch_size // CHUNK) * CHUNK)
+        chunk = self.score_chunk
+        step = max(chunk, (batch_size // chunk) * chunk)
         parts = []
         with torch.no_grad(), _threads(self.params.threads):
             for s in range(0, n, step):
-                img = torch.from_numpy(image_emb[s : s + step]).to(self.device)
-                txt = torch.from_numpy(text_emb[s : s + step]).to(self.device)
-                parts.append(self._score_block(img, txt, own[s : s + step]))
+                parts.append(self._score_block(image_emb[s : s + step], text_emb[s : s + step], own[s : s + step]))
         if not parts:
             return {k: np.zeros(0, np.float32) for k in OUTPUT_FLOAT} | {k: np.zeros(0, np.int64) for k in OUTPUT_INT}
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -73,7 +73,8 @@ def _image_digest(item: DecodedSample) -> str:
 
 
 def _as_text(value: Any) -> str | None:
-    return None if value is None else str(value)
+    # JSON can spell lone surrogates ("\ud800"), which Arrow cannot store: keep them as visible escapes
+    return None if value is None else str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ShardStream(IterableDataset):

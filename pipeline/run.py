@@ -72,6 +72,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR, ANNOTATED_DIR, FILTERED_DIR, SHARDS_DIR, RESULTS_DIR = (
     "checkpoint", "annotated", "filtered", "shards", "results")
 KEEP_KEYS, MANIFEST = "keep_keys.parquet", "manifest.json"
+# Reader reasons that mean the shard itself broke (pipeline.shards.REASONS).
+SHARD_REASONS = ("shard_truncated", "shard_corrupt", "shard_unreadable")
 # Embed settings that change speed, not results (the embed cache ignores them too).
 _RUNTIME_ONLY = {"device", "num_workers", "progress", "batch_size", "threads"}
 
@@ -356,6 +358,21 @@ def _counts(plan: dict[str, Any]) -> dict[str, Any]:
             "errors": decisions[select.ERROR], "by_reason": dict(sorted(Counter(plan["reason"]).items()))}
 
 
+def reading_report(table: pa.Table) -> dict[str, Any]:
+    """How far the reader got through one input shard, from its rows (one per member group, in shard order).
+
+    `samples_read`: member groups read to the end (usable or not); `samples_lost`: groups cut off by shard
+    damage; `damage`: the shard-level row (empty key), or None when the shard was read to its end marker.
+    Rows reconcile: samples_read + samples_lost + (1 if damage else 0) == counts.in. Samples beyond the damage
+    are never reached, so their number is unknown; the detail says at which byte reading stopped.
+    """
+    keys, reasons, details = (table[c].to_pylist() for c in ("key", "reason", "detail"))
+    lost = sum(1 for key, reason in zip(keys, reasons) if key and reason in SHARD_REASONS)
+    damage = next(({"reason": reason, "detail": detail} for key, reason, detail in zip(keys, reasons, details)
+                   if not key and reason in SHARD_REASONS), None)
+    return {"samples_read": sum(1 for key in keys if key) - lost, "samples_lost": lost, "damage": damage}
+
+
 def _metadata(config: CleanConfig, shard: str, scores: str, stage_hash: str) -> dict[str, Any]:
     meta = read_stage_metadata(scores) or {}
     return {"stage": "annotate", "shard": shard, "stage_hash": stage_hash, "config_hash": config_hash(config),
@@ -394,8 +411,8 @@ def _shard_result(config: CleanConfig, shard: str, scores: str, stage_hash: str,
                zip(keys, plan["output_key"], plan["decision"]) if k != n and d == select.KEEP]
     return {"shard": shard, "shard_id": shard_id(shard), "stage_hash": stage_hash, "fingerprint": _fingerprint(shard),
             "checkpoint_sha256": (read_stage_metadata(scores) or {}).get("checkpoint_sha256"),
-            "cutoff": cutoff.as_dict() if cutoff else None, "counts": _counts(plan), "outputs": outputs,
-            "renamed_keys": renamed}
+            "cutoff": cutoff.as_dict() if cutoff else None, "counts": _counts(plan),
+            "reading": reading_report(plan["table"]), "outputs": outputs, "renamed_keys": renamed}
 
 
 def score_shard_stage(config: CleanConfig, shard: str, checkpoint_path: str, cutoff: select.Cutoff | None = None,
@@ -447,8 +464,8 @@ def manifest(config: CleanConfig, shard_results: list[dict[str, Any]], checkpoin
         "package_version": package_version(), "config_hash": config_hash(config), "checkpoint": checkpoint,
         "config": config.model_dump(mode="json", exclude={"output": True, "runner": True, "embed": _RUNTIME_ONLY}),
         "cutoff": next((r["cutoff"] for r in shard_results), None),
-        "inputs": [{"url": r["shard"], "shard_id": r["shard_id"], "fingerprint": r["fingerprint"]}
-                   for r in shard_results],
+        "inputs": [{"url": r["shard"], "shard_id": r["shard_id"], "fingerprint": r["fingerprint"],
+                    **r.get("reading", {})} for r in shard_results],
         "outputs": [o for r in shard_results for o in r["outputs"]] + [keep_keys],
         "counts": total_counts(shard_results),
         "renamed_keys": [k for r in shard_results for k in r["renamed_keys"]],

@@ -205,8 +205,14 @@ def _member_kind(info: tarfile.TarInfo) -> str:
     return next((kind for test, kind in kinds if test()), f"member of tar type {info.type!r}")
 
 
+def printable(name: str) -> str:
+    """A member name as storable text: tarfile keeps non-UTF-8 bytes as lone surrogates, which Arrow and JSON
+    writers reject; they become backslash escapes (b"\\xff" -> "\\xff")."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _member_issue(shard: str, info: tarfile.TarInfo) -> ReadIssue | None:
-    key = split_key(info.name)[0] or info.name  # "" is reserved for shard-level issues
+    key = printable(split_key(info.name)[0] or info.name)  # "" is reserved for shard-level issues
     # non-files first: the "." entry of `tar -C dir .` is a directory, not an attack
     if not info.isreg():
         return ReadIssue(shard, key, "non_file_member", f"{info.name!r} is a {_member_kind(info)}")
@@ -348,22 +354,50 @@ def _next_header(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
     return info
 
 
+class _MemberIssues:
+    """Member-level issues of consecutive members with one key and reason become one row: "../x.jpg" and
+    "../x.txt" are one unusable sample, not two."""
+
+    def __init__(self) -> None:
+        self.pending: ReadIssue | None = None
+        self.extra = 0  # members merged into `pending` after its first
+
+    def add(self, issue: ReadIssue) -> list[ReadIssue]:
+        held = self.pending
+        if held is not None and (held.key, held.reason) == (issue.key, issue.reason):
+            self.extra += 1
+            return []
+        done = self.flush()
+        self.pending = issue
+        return done
+
+    def flush(self) -> list[ReadIssue]:
+        held, extra, self.pending, self.extra = self.pending, self.extra, None, 0
+        if held is None:
+            return []
+        more = f" (+{extra} more members of this key)" if extra else ""
+        return [ReadIssue(held.shard, held.key, held.reason, held.detail + more)]
+
+
 def _iter_members(grouper: _Grouper, tar: tarfile.TarFile) -> Generator[RawSample | ReadIssue, None, bool]:
     """Yield samples and issues; return True when the archive ended on a real end marker."""
     # Any exception while pulling bytes ends only this shard: the input is untrusted and remote backends raise
     # their own exception types. The try blocks wrap tarfile calls only, never our own logic or the yields.
+    member_issues = _MemberIssues()
     while True:
         try:
             info = _next_header(tar)
         except Exception as error:
+            yield from member_issues.flush()
             yield from grouper.broken(error, tar.offset)
             return False
         if info is None:
             break
         issue = _member_issue(grouper.shard, info)
         if issue is not None:
-            yield issue
+            yield from member_issues.add(issue)
             continue
+        yield from member_issues.flush()
         yield from grouper.begin(info.name)
         try:
             data = tar.extractfile(info).read()
@@ -371,6 +405,7 @@ def _iter_members(grouper: _Grouper, tar: tarfile.TarFile) -> Generator[RawSampl
             yield from grouper.broken(error, info.offset_data)
             return False
         yield from grouper.add(info.name, data)
+    yield from member_issues.flush()
     yield from grouper.flush()  # a real end marker was read: the last group is complete
     return True
 
@@ -449,12 +484,24 @@ def _decode_caption(raw: RawSample, config: ReaderConfig) -> str | ReadIssue:
     return text if text else _issue(raw, "empty_caption", f"{len(data)} bytes of whitespace")
 
 
+def _reject_constant(name: str) -> float:
+    # Python's json accepts NaN/Infinity, which are not JSON: a kept sample's JSON could not be written back
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):  # 1e999 parses to inf: the same problem as Infinity
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _decode_meta(raw: RawSample) -> dict | ReadIssue:
     data = raw.members.get(META_EXTENSION)
     if data is None:
         return {}
     try:
-        meta = json.loads(data)
+        meta = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as error:  # RecursionError: absurdly nested arrays
         return _issue(raw, "invalid_json", _describe(error)[:300])
     if not isinstance(meta, dict):
@@ -500,11 +547,19 @@ def _decode_image(raw: RawSample, extension: str, config: ReaderConfig) -> tuple
         return _issue(raw, "decode_error", f"{raw.names[extension]!r}: {_describe(error)}"[:500])
 
 
+def _dotted_key_hint(raw: RawSample) -> str:
+    # "v1.2.jpg" is key "v1" with extension "2.jpg" (the WebDataset rule every loader applies), so the image
+    # is there but under an extension no loader reads as an image: say so instead of a bare missing_image
+    if any("." in ext and ext.rpartition(".")[2] in IMAGE_EXTENSIONS for ext in raw.members):
+        return "; the file name has a dot after the key, so the key ends at the first dot of the file name"
+    return ""
+
+
 def decode_sample(raw: RawSample, config: ReaderConfig) -> DecodedSample | ReadIssue:
     """Check caption and metadata first (cheap), then decode the image to RGB."""
     extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw.members), None)
     if extension is None:
-        return _issue(raw, "missing_image", f"members: {sorted(raw.names.values())}")
+        return _issue(raw, "missing_image", f"members: {sorted(raw.names.values())}{_dotted_key_hint(raw)}")
     caption = _decode_caption(raw, config)
     meta = _decode_meta(raw)
     for result in (caption, meta):

@@ -60,7 +60,11 @@ def json_with_scores(raw: bytes | None, scores: dict[str, Any]) -> bytes:
     """
     doc = json_object(raw)
     doc[BICRO_JSON_KEY] = scores
-    return json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    try:
+        return json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # a lone surrogate ("\ud800" in the input) has no UTF-8 form; ASCII escapes keep it exactly
+        return json.dumps(doc, ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
 def json_object(raw: bytes | None) -> dict[str, Any]:

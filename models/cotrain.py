@@ -328,8 +328,11 @@ class CoTrainer:
         relabel: Callable[[int, torch.Tensor, torch.Tensor | None, bool], torch.Tensor | None] | None = None,
         drop_zero: bool = False,
     ) -> float:
-        """One pass over the clean set; each clean batch is paired with a noisy batch when noisy_idx is given.
+        """One pass over the clean set; when noisy_idx is given, each clean batch is paired with a noisy batch.
 
+        The noisy pairs are shuffled, cut into batches of about batch_size and spread evenly over the clean
+        batches, so every noisy pair is seen once per epoch. (Cycling full-size noisy batches, as NCR's code does, shows a small noisy set to the network
+        dozens of times per epoch: at 0.2 noise NCR's rSum fell from 240 to 161 the epoch noisy pairs joined.)
         Labels are indexed like the idx tensors they come with. ``relabel(k, batch_idx, batch_labels, is_clean)``
         lets a method refine labels per batch with the current network (NCR's co-rectification does).
         With ``drop_zero``, noisy-batch pairs whose (refined) label is 0 are left out of the loss.
@@ -338,21 +341,24 @@ class CoTrainer:
         net.train()
         pos_of = torch.full((len(self.data),), -1, dtype=torch.long, device=self.device)
         pos_of[clean_idx] = torch.arange(clean_idx.numel(), device=self.device)
-        use_noisy = noisy_idx is not None and noisy_idx.numel() >= 2
-        if use_noisy:
+        clean_batches = self._batches(k, clean_idx)
+        noisy_batches: list[torch.Tensor] = []
+        if noisy_idx is not None and noisy_idx.numel() >= 2 and clean_batches:
             npos_of = torch.full((len(self.data),), -1, dtype=torch.long, device=self.device)
             npos_of[noisy_idx] = torch.arange(noisy_idx.numel(), device=self.device)
-            noisy_batches: list[torch.Tensor] = []
+            # batches of about batch_size noisy pairs (enough negatives), attached to evenly spaced clean batches
+            count = min(len(clean_batches), math.ceil(noisy_idx.numel() / self.cfg.batch_size))
+            chunks = torch.tensor_split(self._perm(k, noisy_idx), count)
+            at = {(j * len(clean_batches)) // count: chunk for j, chunk in enumerate(chunks)}
+            noisy_batches = [at.get(i, noisy_idx[:0]) for i in range(len(clean_batches))]
         total, steps = 0.0, 0
-        for b in self._batches(k, clean_idx):
+        for i, b in enumerate(clean_batches):
             lab = None if clean_labels is None else clean_labels[pos_of[b]]
             if relabel is not None:
                 lab = relabel(k, b, lab, True)
             loss = self.hardest_loss(k, b, lab)
-            if use_noisy:
-                if not noisy_batches:
-                    noisy_batches = self._batches(k, noisy_idx)[::-1]
-                nb = noisy_batches.pop()
+            nb = noisy_batches[i] if noisy_batches else b[:0]
+            if nb.numel() >= 2:
                 nlab = None if noisy_labels is None else noisy_labels[npos_of[nb]]
                 if relabel is not None:
                     nlab = relabel(k, nb, nlab, False)

@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -169,7 +169,9 @@ def _ncr_relabel(trainer: CoTrainer, w_peer: torch.Tensor, alpha: float):
     return relabel
 
 
-def fit_ncr(bench: Benchmark, params: BiCroParams, device: str) -> tuple[list[Matcher], dict[str, np.ndarray]]:
+def fit_ncr(
+    bench: Benchmark, params: BiCroParams, device: str, monitor: Callable[[int, CoTrainer], None] | None = None
+) -> tuple[list[Matcher], dict[str, np.ndarray]]:
     gmm = replace(params, division="gmm")
     with seeded(params.seed, device), _threads(params.threads):
         data = PairData.build(bench.train_image, bench.train_text, device)
@@ -193,6 +195,8 @@ def fit_ncr(bench: Benchmark, params: BiCroParams, device: str) -> tuple[list[Ma
                 trainer.train_epoch(k, ct, None, nt, None, relabel=relabel, drop_zero=params.drop_zero_labels)
             clean_sizes = [int((d.p_clean > params.clean_threshold).sum()) for d in divs]
             logger.info("ncr epoch %d/%d: clean sets %s", epoch + 1, params.epochs, clean_sizes)
+            if monitor is not None:
+                monitor(epoch, trainer)
         divs = [_ncr_divide(trainer.nets[k], data, bank, gmm) for k in range(2)]
         outputs = _ncr_outputs(trainer, divs, params, device)
     return trainer.nets, outputs

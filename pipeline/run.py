@@ -513,8 +513,9 @@ def _check_select(config: CleanConfig, encoder: dict[str, Any]) -> None:
                          f"{encoder.get('spec')} is not aligned")
 
 
-def run_pipeline(config: CleanConfig) -> dict[str, Any]:
-    """embed -> fit -> score every shard -> (keep-fraction cutoff) -> decide and write per shard -> finalize."""
+def run_pipeline(config: CleanConfig, report: bool = True) -> dict[str, Any]:
+    """embed -> fit -> score every shard -> (keep-fraction cutoff) -> decide and write per shard -> finalize
+    (-> report.html unless `report` is False: the load test measures the data path alone)."""
     select.check_column(config.select.column)
     embed_shards(config)
     shards = input_shards(config)
@@ -528,7 +529,7 @@ def run_pipeline(config: CleanConfig) -> dict[str, Any]:
     duplicates = duplicate_keys(embeddings)
     results = [score_shard_stage(config, s, checkpoint, cutoff, duplicates, model) for s in shards]
     manifest = finalize_stage(config, results, checkpoint)
-    report = write_report_if_available(config, manifest)
-    return {"output": config.output, "manifest": manifest, "checkpoint": checkpoint, "report": report,
+    report_path = write_report_if_available(config, manifest) if report else None
+    return {"output": config.output, "manifest": manifest, "checkpoint": checkpoint, "report": report_path,
             "shards": len(results), "cached_shards": sum(r["cached"] for r in results),
             **total_counts(results)}

@@ -276,3 +276,37 @@ def evaluate(
     if out_path is not None:
         Path(out_path).write_text(json.dumps(results, indent=2))
     return results
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio_to_oracle(entry: dict, methods: dict) -> str:
+    oracle = methods.get("oracle")
+    if oracle is None or not oracle.get("rsum"):
+        return ""
+    return f"{entry['rsum'] / oracle['rsum']:.2f}x"
+
+
+def results_table(results: Sequence[dict]) -> str:
+    """Markdown table of several `evaluate` results (one per noise level), in the order given."""
+    lines = [
+        "| noise | method | AUROC soft_label | AUROC p_clean | est. noise | precision / recall | "
+        "i2t R@1/5/10 | t2i R@1/5/10 | rSum | vs oracle | seconds (cpu s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        methods = res["methods"]
+        for name, e in methods.items():
+            pr = "" if e.get("precision") is None else f"{e['precision']:.3f} / {e['recall']:.3f}"
+            lines.append(
+                f"| {res['noise_rate']} | {name} | {_fmt(e.get('auroc_soft_label'), 3)} | "
+                f"{_fmt(e.get('auroc_p_clean'), 3)} | {_fmt(e.get('est_noise_rate'), 3)} | {pr} | "
+                f"{' / '.join(f'{x:.1f}' for x in e['i2t'])} | {' / '.join(f'{x:.1f}' for x in e['t2i'])} | "
+                f"{e['rsum']:.1f} | {_ratio_to_oracle(e, methods)} | {e['seconds']:.0f} ({e.get('cpu_seconds', 0):.0f}) |"
+            )
+    return "\n".join(lines)

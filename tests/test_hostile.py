@@ -26,11 +26,10 @@ from PIL import Image
 
 from conftest import header_offsets, image_bytes, tar_bytes
 from pipeline.config import CleanConfig
-from pipeline.run import run_pipeline
+from pipeline.run import SHARD_REASONS, run_pipeline
 from pipeline.shards import split_key, unsafe_name_problem
 
 TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
-SHARD_LEVEL = ("shard_truncated", "shard_corrupt", "shard_unreadable")
 
 
 # ---------------------------------------------------------------- hostile bytes
@@ -255,7 +254,7 @@ def test_damaged_shards_report_samples_read_and_lost(run, corpus):
     for name, expected_ok in (("b-cut.tar", 3), ("c-corrupt.tar", 3), ("d-broken.tar.gz", broken["samples_read"])):
         rows = _rows(run["annotated"], name)
         assert rows.filter(pl.col("decision") != "error").height == expected_ok
-        keyed_loss = rows.filter((pl.col("key") != "") & pl.col("reason").is_in(SHARD_LEVEL))
+        keyed_loss = rows.filter((pl.col("key") != "") & pl.col("reason").is_in(list(SHARD_REASONS)))
         assert keyed_loss.height == inputs[name]["samples_lost"]
         assert rows["key"][-1] == "" and rows["reason"][-1] == inputs[name]["damage"]["reason"]
 

@@ -73,7 +73,7 @@ class BiCroParams:
     bank_size: int = 512
     mixture_iterations: int = 10
     threads: int = 2  # torch/faiss CPU threads in fit and score; fixed so float sums match across machines; 0 = inherit
-    # Anchor search when scoring (training always searches exactly): "flat" = exact, "ivf" = faiss IndexIVFFlat,
+    # Anchor search in training's consistency labels and in scoring: "flat" = exact, "ivf" = faiss IndexIVFFlat,
     # approximate but ~A / (nlist + nprobe * A / nlist) times less work (docs/benchmarks.md measures the cost).
     anchor_index: str = "flat"
     ivf_nlist: int = 0  # inverted lists; 0 = about 4 * sqrt(distinct anchor rows)
@@ -169,7 +169,7 @@ def _search(index: faiss.Index, queries: np.ndarray, k: int, chunk: int = CHUNK)
 
 
 def _torch_search(rows: torch.Tensor, queries: torch.Tensor, k: int, chunk: int) -> np.ndarray:
-    """Exact inner-product top-k with torch on fixed-size zero-padded chunks (the CUDA path: no faiss-gpu)."""
+    """Exact inner-product top-k with torch on fixed-size zero-padded chunks (also the CUDA path: no faiss-gpu)."""
     out = []
     for start in range(0, queries.shape[0], chunk):
         part = queries[start : start + chunk]
@@ -181,8 +181,11 @@ def _torch_search(rows: torch.Tensor, queries: torch.Tensor, k: int, chunk: int)
 
 
 def auto_nlist(rows: int) -> int:
-    """IVF list count: ~4 sqrt(rows), with >= 39 training rows per list (faiss k-means warns below that)."""
-    return max(1, min(int(round(4 * math.sqrt(rows))), rows // 39))
+    """IVF list count: ~2 sqrt(rows), with >= 39 training rows per list (faiss k-means warns below that).
+
+    Search work per query is nlist + nprobe * rows / nlist vectors; 4 sqrt(rows) lists cost less per query but
+    their k-means took 69 s at 100k anchors on 2 shared cores, 2 sqrt(rows) a few seconds."""
+    return max(1, min(int(round(2 * math.sqrt(rows))), rows // 39))
 
 
 def _ivf_index(rows: np.ndarray, nlist: int, nprobe: int, seed: int) -> faiss.Index:
@@ -193,11 +196,11 @@ def _ivf_index(rows: np.ndarray, nlist: int, nprobe: int, seed: int) -> faiss.In
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
     index.cp.spherical = True  # unit-norm centroids: inner-product assignment, as the search uses
-    index.cp.max_points_per_centroid = 64  # k-means on <= 64 rows per list: seconds, not minutes, at 100k
+    index.cp.max_points_per_centroid = IVF_POINTS_PER_LIST
+    index.cp.niter = IVF_TRAIN_ITERATIONS
     index.train(rows)
     index.add(rows)
     index.nprobe = min(nprobe, nlist)
-    index.referenced_quantizer = quantizer  # the IVF index does not own its quantizer
     return index
 
 
@@ -213,13 +216,15 @@ class AnchorIndex:
     rep1: np.ndarray  # (R,) first bank index of each distinct row
     rep2: np.ndarray  # (R,) second bank index or -1
     k: int  # neighbours fetched per query (2: the nearest may be the query itself)
-    index: faiss.Index | None = None  # CPU search (flat or IVF)
-    rows: torch.Tensor | None = None  # distinct rows on the GPU: exact search with torch matmul
+    index: faiss.Index | None = None  # faiss search (IVF; exact IndexFlatIP in training)
+    rows: torch.Tensor | None = None  # distinct rows for exact search with torch matmul + topk
     kind: str = "flat"
 
     @classmethod
-    def build(cls, bank: torch.Tensor, kind: str = "flat", nlist: int = 0, nprobe: int = 16,
-              seed: int = 0) -> "AnchorIndex":
+    def build(cls, bank: torch.Tensor, kind: str = "flat", nlist: int = 0, nprobe: int = 16, seed: int = 0,
+              exact: str = "faiss") -> "AnchorIndex":
+        """`exact` picks the flat backend: "faiss" IndexFlatIP (CPU) or "torch" matmul + topk (scoring on CUDA,
+        where there is no faiss-gpu; on the 2-core CPU faiss on 1,024-query chunks was 2.7x faster than torch)."""
         bank_np = np.ascontiguousarray(bank.detach().float().cpu().numpy())
         rep1, rep2, _ = _two_reps(row_hashes(bank_np))
         distinct = np.ascontiguousarray(bank_np[rep1])
@@ -227,7 +232,7 @@ class AnchorIndex:
         # IVF needs enough rows to train lists; below a few lists' worth exact search is cheap anyway
         if kind == "ivf" and len(distinct) >= 4 * 39:
             return cls(rep1, rep2, k, index=_ivf_index(distinct, nlist, nprobe, seed), kind="ivf")
-        if bank.device.type == "cuda":
+        if exact == "torch":
             return cls(rep1, rep2, k, rows=bank[torch.from_numpy(rep1).to(bank.device)].float().contiguous())
         index = faiss.IndexFlatIP(distinct.shape[1])
         index.add(distinct)
@@ -235,12 +240,8 @@ class AnchorIndex:
 
     def search(self, queries: torch.Tensor, chunk: int = CHUNK) -> np.ndarray:
         """(n, k) distinct-row ids of each query's nearest rows; chunked, so independent of the other queries."""
-        if self.rows is not None and queries.device.type == "cuda":
-            return _torch_search(self.rows, queries.float(), self.k, chunk)
         if self.rows is not None:
-            self.index = faiss.IndexFlatIP(self.rows.shape[1])
-            self.index.add(np.ascontiguousarray(self.rows.cpu().numpy()))
-            self.rows = None
+            return _torch_search(self.rows, queries.float().to(self.rows.device), self.k, chunk)
         q_np = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         return _search(self.index, q_np, self.k, chunk)
 
@@ -272,7 +273,8 @@ def nearest_anchor(
     n = queries.shape[0]
     if bank.shape[0] == 0 or n == 0:
         return np.full(n, -1, dtype=np.int64)
-    index = index if index is not None else AnchorIndex.build(bank)
+    if index is None:  # exact search; on a GPU with torch (faiss there would be CPU search over the bank)
+        index = AnchorIndex.build(bank, exact="torch" if bank.device.type == "cuda" else "faiss")
     if groups is None:
         q_np = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         _, q_first, q_inv = np.unique(row_hashes(q_np), return_index=True, return_inverse=True)
@@ -393,7 +395,11 @@ def labels_from_division(div: Division, params: BiCroParams) -> EpochLabels:
     a = torch.from_numpy(anchors).to(div.img_emb.device)
     img = consistency_space(div.img_emb, space_center(div.img_emb, params.center_consistency))
     txt = consistency_space(div.txt_emb, space_center(div.txt_emb, params.center_consistency))
-    c, *_ = consistency_labels(img, txt, img[a], txt[a], own)
+    indexes = None
+    if params.anchor_index == "ivf":  # exact search is quadratic in the pairs: hours per epoch at 1M on a CPU
+        indexes = tuple(AnchorIndex.build(x[a], "ivf", params.ivf_nlist, params.ivf_nprobe, params.seed)
+                        for x in (img, txt))
+    c, *_ = consistency_labels(img, txt, img[a], txt[a], own, indexes)
     c_np = c.double().cpu().numpy()
     top = top_anchor_mask(own, params.top_anchors)
     labels = soft_labels(div.p_clean, c_np, top, params.clean_threshold, params.noisy_label_threshold)
@@ -407,7 +413,12 @@ def labels_from_division(div: Division, params: BiCroParams) -> EpochLabels:
 # ------------------------------------------------------------------------------------------- model
 
 
-SCORE_CHUNK_CPU = 256
+# Rows per fixed-shape scoring chunk. On the 2-core AVX2 machine MKL's sgemm ran at 17 GFLOP/s on 256-row
+# chunks and 45 on 1,024 (512 -> 1,024 linear, same load), so smaller chunks would cost more than the padding of
+# a short last chunk (faiss IndexFlatIP likewise: 2.1x slower on 256-query chunks than on 1,024).
+SCORE_CHUNK_CPU = 1024
+IVF_TRAIN_ITERATIONS = 10
+IVF_POINTS_PER_LIST = 40  # k-means sample per list: faiss warns below 39; more only makes the build slower
 SCORE_CHUNK_CUDA = 2048
 
 
@@ -434,11 +445,17 @@ class ScoringState:
     @classmethod
     def build(cls, model: "BiCroModel") -> "ScoringState":
         p, dev = model.params, model.device
+        if dev.type == "cpu":
+            # keep glibc from unmapping every MB-sized activation after use (page faults dominated small ops)
+            from models.encoders import tune_cpu_allocator
+
+            tune_cpu_allocator()
         bank_emb = [embed_pairs(net, model.bank.image.to(dev), model.bank.text.to(dev)) for net in model.nets]
         indexes = None
         if model.anchor_img.shape[0] > 0:
             indexes = tuple(
-                AnchorIndex.build(bank.to(dev), p.anchor_index, p.ivf_nlist, p.ivf_nprobe, p.seed)
+                AnchorIndex.build(bank.to(dev), p.anchor_index, p.ivf_nlist, p.ivf_nprobe, p.seed,
+                                  exact="torch" if dev.type == "cuda" else "faiss")
                 for bank in (model.anchor_img, model.anchor_txt)
             )
         return cls(bank_emb, torch.from_numpy(model.bank.image_hash).to(dev),
@@ -506,8 +523,7 @@ class BiCroModel:
 
     @property
     def score_chunk(self) -> int:
-        """Rows per fixed-shape chunk when scoring: small on CPU (a call of 16 pairs pads to 256 rows, not 1,024;
-        sgemm is as fast at 256 rows), large on a GPU (fewer kernel launches)."""
+        """Rows per fixed-shape chunk when scoring (see SCORE_CHUNK_CPU); larger on a GPU (fewer launches)."""
         return SCORE_CHUNK_CUDA if self.device.type == "cuda" else SCORE_CHUNK_CPU
 
     def scoring_state(self) -> "ScoringState":

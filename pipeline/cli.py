@@ -193,19 +193,47 @@ def evaluate_cmd(
     typer.echo(json.dumps(result, indent=2))
 
 
+@app.command("evaluate-table")
+def evaluate_table_cmd(
+    results: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="results.json files of `evaluate`."),
+) -> None:
+    """Print a Markdown table of several `evaluate` results (e.g. one per noise level)."""
+    from pipeline.evaluate import results_table
+
+    typer.echo(results_table([json.loads(p.read_text()) for p in results]))
+
+
 @app.command("bench")
 def bench_cmd(
     out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON figures."),
-    pairs: int = typer.Option(512, min=8, help="Pairs in the embedding benchmark."),
-    data: Path = typer.Option(Path("../shared/data/flickr8k"), help="Real JPEGs when present."),
+    quick: bool = typer.Option(False, "--quick", help="Skip the 1M-pair fit and use fewer pairs: a few minutes."),
+    data: Path = typer.Option(Path("../shared/data/flickr8k"), help="Real JPEGs for the decode stage, when present."),
+    append: bool = typer.Option(True, "--append/--no-append", help="Append the Markdown table to docs/benchmarks.md."),
+    tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Seconds-long run of every path (tests)."),
+    embed_only: bool = typer.Option(False, "--embed-only", help="Only the older embed benchmark (--pairs)."),
+    pairs: int = typer.Option(512, min=8, help="Pairs in the --embed-only benchmark."),
 ) -> None:
-    """Embedding-stage throughput and the share of time in decode vs model (prints figures)."""
-    from pipeline.bench import markdown_table, run_embed_benchmark
+    """Throughput, scaling and memory of every stage (decode, embed, fit, score+write) and the overhead ratio."""
+    if embed_only:
+        from pipeline.bench import markdown_table, run_embed_benchmark
 
-    result = run_embed_benchmark(pairs, data)
+        result = run_embed_benchmark(pairs, data)
+        out.write_text(json.dumps(result, indent=2))
+        typer.echo(json.dumps(result, indent=2))
+        typer.echo(markdown_table(result))
+        return
+    from pipeline.bench_suite import append_to_doc, make_plan, markdown, run_suite
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    result = run_suite(make_plan(quick, tiny), data if data.exists() else None)
     out.write_text(json.dumps(result, indent=2))
-    typer.echo(json.dumps(result, indent=2))
-    typer.echo(markdown_table(result))
+    typer.echo(json.dumps({k: result[k] for k in ("overhead_ratio", "overhead_ratio_setting", "embed_pairs_per_s",
+                                                 "score_pairs_per_s", "fit_seconds_per_epoch", "peak_rss_mb")},
+                          indent=2))
+    table = markdown(result)
+    typer.echo(table)
+    if append:
+        append_to_doc(result, "bicro-clean bench " + " ".join(sys.argv[2:]))
 
 
 @app.command("demo")

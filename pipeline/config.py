@@ -83,8 +83,8 @@ class BiCroConfig(_Section):
         "the thread count, and outputs must be identical whichever machine or runner does the work. 0 = inherit."
     )
     anchor_index: Literal["flat", "ivf"] = Field(
-        "flat", description="Anchor search when scoring: flat = exact (faiss IndexFlatIP); ivf = faiss IndexIVFFlat, "
-        "approximate and much faster at 100k anchors (docs/benchmarks.md measures its agreement with flat)."
+        "flat", description="Anchor search (consistency labels in training and scoring): flat = exact; ivf = faiss "
+        "IndexIVFFlat, approximate and much faster at 100k anchors (docs/benchmarks.md measures its agreement)."
     )
     ivf_nlist: int = Field(0, ge=0, description="IVF inverted lists (0 = about 4 * sqrt(distinct anchor rows)).")
     ivf_nprobe: int = Field(16, ge=1, description="IVF lists visited per query: more = closer to exact, slower.")

@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import resource
 import shutil
 import struct
@@ -142,18 +143,31 @@ def measure(sizes: list[int], work: Path, shard_pairs: int = SHARD_PAIRS) -> lis
         count = -(-pairs // shard_pairs)
         command = [sys.executable, "-m", "pipeline.load_test", "--child", str(output),
                    *[str(p) for p in shards[:count]]]
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        result, lifetime_peak = _run_child(command)
+        results.append({**result, "process_peak_rss_mib": lifetime_peak})
         shutil.rmtree(output)  # 200k pairs of outputs are ~1 GB; nothing after this reads them
         logger.info("%s", results[-1])
     return results
 
 
+def _run_child(command: list[str]) -> tuple[dict[str, Any], int]:
+    """The child's JSON result and its whole-lifetime peak RSS in MiB (startup and exit included), taken from
+    os.wait4's rusage for exactly that process rather than what it says about itself before exiting."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        output = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command, output)
+    return json.loads(output.strip().splitlines()[-1]), round(usage.ru_maxrss / 1024)
+
+
 def _format(result: dict[str, Any]) -> str:
     return (f"{result['pairs']:>7} pairs {result['shards']:>3} shards  wall {result['wall_s']:>6.1f} s "
             f"(embed {result['embed_s']:.1f} s, fit+score+write {result['fit_score_write_s']:.1f} s)  "
-            f"{result['pairs_per_s']:>6.1f} pairs/s  peak RSS {result['peak_rss_mib']} MiB "
-            f"(decode worker {result['worker_peak_rss_mib']} MiB)")
+            f"{result['pairs_per_s']:>6.1f} pairs/s  peak RSS {result['peak_rss_mib']} MiB during the run, "
+            f"{result['process_peak_rss_mib']} MiB over the process's life (decode worker "
+            f"{result['worker_peak_rss_mib']} MiB)")
 
 
 def main(argv: list[str] | None = None) -> None:

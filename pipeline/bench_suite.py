@@ -50,6 +50,7 @@ class Plan:
     embed_workers: dict[str, int]
     fit_sizes: list[int]
     fit_flat_max: int  # flat (exact) training search only up to this many pairs: it is quadratic
+    fit_ivf_max: int  # IVF training search up to this many pairs (on a GPU exact search is the faster one)
     fit_batch: dict[str, int]
     score_anchors: list[int]
     score_pairs: int
@@ -70,7 +71,7 @@ def make_plan(quick: bool, tiny: bool = False, cuda: bool | None = None) -> Plan
     if tiny:  # the test's end-to-end run: every code path, seconds
         return Plan(device="cpu", decode_pairs=16, decode_workers=[0, 1], decode_transform="tiny",
                     embed_pairs={"cpu": 16}, embed_encoders={"cpu": ["tiny"]}, embed_batches={"cpu": [8]},
-                    embed_workers={"cpu": 1}, fit_sizes=[300, 600], fit_flat_max=300, fit_batch={"cpu": 64},
+                    embed_workers={"cpu": 1}, fit_sizes=[300, 600], fit_flat_max=300, fit_ivf_max=600, fit_batch={"cpu": 64},
                     score_anchors=[200], score_pairs=128, shard_pairs=64, shard_counts=[1, 2],
                     overhead_pairs=1000, image_size=(64, 48), isolate=False)
     workers = sorted({0, 2, min(cores, 8), cores})
@@ -86,6 +87,7 @@ def make_plan(quick: bool, tiny: bool = False, cuda: bool | None = None) -> Plan
         embed_workers={"cpu": min(cores, 2), "cuda": cores},
         fit_sizes=[10_000, 100_000] if quick else [10_000, 100_000, 1_000_000],
         fit_flat_max=1_000_000 if cuda else 10_000,
+        fit_ivf_max=100_000 if cuda else 1_000_000,
         fit_batch={"cpu": 128, "cuda": 1024},
         score_anchors=[10_000, 100_000],
         score_pairs=16_384 if cuda else 4096,
@@ -448,7 +450,7 @@ def _embed(plan: Plan, root: Path, decode_shards: str) -> list[dict[str, Any]]:
 def _fit(plan: Plan) -> list[dict[str, Any]]:
     out = []
     for n in plan.fit_sizes:
-        indexes = ["flat", "ivf"] if n <= plan.fit_flat_max else ["ivf"]
+        indexes = [i for i, top in (("flat", plan.fit_flat_max), ("ivf", plan.fit_ivf_max)) if n <= top]
         for index in indexes:
             spec = {"pairs": n, "device": plan.device, "index": index, "batch_size": plan.fit_batch[plan.device]}
             out.append(spawn("fit", spec, plan.isolate))

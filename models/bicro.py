@@ -150,6 +150,10 @@ def _two_reps(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rep1, rep2, inverse
 
 
+IVF_TRAIN_ITERATIONS = 10
+IVF_POINTS_PER_LIST = 40  # k-means sample per list: faiss warns below 39; more only makes the build slower
+
+
 def _padded(part: np.ndarray, chunk: int) -> np.ndarray:
     """Queries zero-padded to `chunk` rows: every search call then has the same shape (faiss switches between a
     BLAS and a sequential kernel with the number of queries, and the two round differently)."""
@@ -183,8 +187,9 @@ def _torch_search(rows: torch.Tensor, queries: torch.Tensor, k: int, chunk: int)
 def auto_nlist(rows: int) -> int:
     """IVF list count: ~2 sqrt(rows), with >= 39 training rows per list (faiss k-means warns below that).
 
-    Search work per query is nlist + nprobe * rows / nlist vectors; 4 sqrt(rows) lists cost less per query but
-    their k-means took 69 s at 100k anchors on 2 shared cores, 2 sqrt(rows) a few seconds."""
+    Search work per query is nlist + nprobe * rows / nlist vectors; 4 sqrt(rows) lists cost less per query, but
+    with 64 k-means rows per list both modalities' indexes took 69 s to build at 100k anchors on the 2 shared dev
+    cores; 2 sqrt(rows) with 40 rows per list took 31 s there (10.5 s on a 16-core Xeon)."""
     return max(1, min(int(round(2 * math.sqrt(rows))), rows // 39))
 
 
@@ -417,8 +422,6 @@ def labels_from_division(div: Division, params: BiCroParams) -> EpochLabels:
 # chunks and 45 on 1,024 (512 -> 1,024 linear, same load), so smaller chunks would cost more than the padding of
 # a short last chunk (faiss IndexFlatIP likewise: 2.1x slower on 256-query chunks than on 1,024).
 SCORE_CHUNK_CPU = 1024
-IVF_TRAIN_ITERATIONS = 10
-IVF_POINTS_PER_LIST = 40  # k-means sample per list: faiss warns below 39; more only makes the build slower
 SCORE_CHUNK_CUDA = 2048
 
 

@@ -225,7 +225,7 @@ def bench_cmd(
     from pipeline.bench_suite import append_to_doc, make_plan, markdown, run_suite
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = run_suite(make_plan(quick, tiny), data if data.exists() else None)
+    result = run_suite(make_plan(quick, tiny), data if data.exists() else None, partial=out)  # survives a kill
     out.write_text(json.dumps(result, indent=2))
     typer.echo(json.dumps({k: result[k] for k in ("overhead_ratio", "overhead_ratio_setting", "embed_pairs_per_s",
                                                  "score_pairs_per_s", "fit_seconds_per_epoch", "peak_rss_mb")},

@@ -531,9 +531,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _decode_image(raw: RawSample, extension: str, config: ReaderConfig) -> tuple[Image.Image, int, int] | ReadIssue:
+    # PIL's own bomb bound follows the config, so raising reader.max_image_pixels for a trusted source really
+    # raises it (PIL would otherwise refuse > 2 x 89M pixels whatever the config says). One run, one config.
+    Image.MAX_IMAGE_PIXELS = config.max_image_pixels
     try:
         with warnings.catch_warnings():
-            # our own bound decides below; PIL's warning would fire at its default bound, not ours
+            # our own bound decides below; PIL's warning fires at the same bound
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(raw.members[extension]), formats=SAFE_IMAGE_FORMATS) as image:
                 width, height = image.size  # header only: no pixel is decoded before this check

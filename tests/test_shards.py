@@ -221,8 +221,17 @@ def test_image_too_large_is_decided_from_the_header(shards, make_image):
     strict = _reasons(_read(path, ReaderConfig(max_image_pixels=100)))
     assert strict == {"small": "image_too_large", "claims": "image_too_large", "bomb": "image_too_large"}
     # with a generous bound the header-only PNG is decoded and fails: the strict run never got that far
-    generous = _reasons(_read(path, ReaderConfig(max_image_pixels=10**10)))
-    assert generous == {"claims": "decode_error", "bomb": "image_too_large"}  # PIL's own hard bomb bound
+    generous = _reasons(_read(path, ReaderConfig(max_image_pixels=10**8)))
+    assert generous == {"claims": "decode_error", "bomb": "image_too_large"}
+
+
+def test_pil_bomb_bound_follows_the_config(shards):
+    # 200M pixels is over PIL's default hard bound (2 x 89M): refused by default, decoded when the config allows
+    members = [("wide.png", _png_header_only(20000, 10000)), ("wide.txt", b"c")]
+    path = shards.write("wide.tar", members)
+    assert _reasons(_read(path, ReaderConfig())) == {"wide": "image_too_large"}
+    assert _reasons(_read(path, ReaderConfig(max_image_pixels=3 * 10**8))) == {"wide": "decode_error"}
+    assert Image.MAX_IMAGE_PIXELS == 3 * 10**8
 
 
 def _animated(fmt: str) -> bytes:

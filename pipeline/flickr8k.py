@@ -64,7 +64,7 @@ class _ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         with Image.open(self.paths[i]) as image:
-            return self.transform(image)
+            return self.transform(image.convert("RGB"))  # as the shard reader hands images to the encoder
 
 
 def _embed_images(encoder: Encoder, paths: list[Path], batch_size: int, workers: int) -> np.ndarray:
@@ -82,6 +82,9 @@ def _embed_texts(encoder: Encoder, texts: list[str], batch_size: int) -> np.ndar
     return np.concatenate(chunks).astype(np.float32)
 
 
+CACHE_FORMAT = 2  # bump when the way benchmark embeddings are computed changes
+
+
 def cached_embeddings(
     data_dir: str | Path,
     cache_dir: str | Path,
@@ -92,13 +95,18 @@ def cached_embeddings(
 ) -> dict[str, np.ndarray]:
     """Image and caption embeddings of the whole benchmark, computed once per encoder and data folder."""
     data_dir = Path(data_dir)
-    key = hashlib.sha256(f"{data_dir.resolve()}|{encoder_spec}".encode()).hexdigest()[:12]
+    # The key holds the encoder's own description (weights digest included) and the cache format: a cache made
+    # by other weights or another preprocessing must never be reused. (A cache keyed on the spec alone once
+    # served image embeddings that matched no fresh encoding of any photo: cosine ~0.3 with the right one.)
+    encoder = load_encoder(encoder_spec, device)
+    identity = json.dumps({"data": str(data_dir.resolve()), "encoder": encoder.describe(), "format": CACHE_FORMAT},
+                          sort_keys=True)
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"flickr8k-{encoder_spec.replace(':', '_').replace('/', '_')}-{key}.npz"
     if path.exists():
         logger.info("using cached benchmark embeddings %s", path)
         return dict(np.load(path))
     data = load_flickr8k(data_dir)
-    encoder = load_encoder(encoder_spec, device)
     image_emb = _embed_images(encoder, [data_dir / "images" / n for n in data.image_names], batch_size, workers)
     text_emb = _embed_texts(encoder, data.captions, 256)
     path.parent.mkdir(parents=True, exist_ok=True)

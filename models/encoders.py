@@ -86,6 +86,11 @@ class ImageTransform:
         return TF.normalize(TF.to_tensor(image), self.mean, self.std)
 
 
+# Part of the encoder identity (embedding caches key on it): bump when the same weights give other features.
+# 2: ReLU6 activations restored (revision 1 replaced them with Swish).
+TOWERS_REVISION = 2
+
+
 @dataclass
 class TowersEncoder:
     """Two separately pretrained towers; the BiCro matcher learns to align them."""
@@ -124,6 +129,7 @@ class TowersEncoder:
         return {
             "spec": self.spec,
             "kind": "towers",
+            "revision": TOWERS_REVISION,
             "image_dim": self.image_dim,
             "text_dim": self.text_dim,
             "aligned": self.aligned,
@@ -216,7 +222,8 @@ def _efficientnet_lite0() -> tuple[torch.nn.Module, int, int]:
     model.load_state_dict(state)
     model._fc = torch.nn.Identity()  # keep the 1280-d pooled features, drop the classifier
     model._dropout = torch.nn.Identity()
-    model.set_swish(memory_efficient=False)  # the memory-efficient variant only pays off when training
+    # Never call model.set_swish() here: EfficientNet-Lite uses ReLU6, and set_swish swaps every activation for
+    # Swish, which silently turns the ImageNet features into noise (cosine ~0.3 with the true features).
     return model, 224, 1280
 
 

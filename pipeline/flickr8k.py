@@ -82,7 +82,7 @@ def _embed_texts(encoder: Encoder, texts: list[str], batch_size: int) -> np.ndar
     return np.concatenate(chunks).astype(np.float32)
 
 
-CACHE_FORMAT = 2  # bump when the way benchmark embeddings are computed changes
+CACHE_FORMAT = 3  # bump when the way benchmark embeddings are computed changes
 
 
 def cached_embeddings(

@@ -62,3 +62,13 @@ def test_open_clip_local_checkpoint_loads(tmp_path):
     torch.save({"state_dict": tiny.model.state_dict()}, checkpoint)
     loaded = load_encoder(f"open_clip:bicro-tiny:{checkpoint}", "cpu")
     torch.testing.assert_close(loaded.encode_texts(["same words"]), tiny.encode_texts(["same words"]))
+
+
+def test_efficientnet_lite_keeps_its_relu6_activations():
+    # set_swish() once replaced every ReLU6 with Swish: features became noise (cosine ~0.3 with the true ones)
+    # while shapes and norms stayed fine, so only the activation types catch it.
+    from models.encoders import _efficientnet_lite0
+
+    model, _, _ = _efficientnet_lite0()
+    names = {type(m).__name__ for m in model.modules()}
+    assert not names & {"Swish", "MemoryEfficientSwish"}, names

@@ -113,6 +113,14 @@ def markdown_table(result: dict[str, Any]) -> str:
     return head + "\n".join(rows)
 
 
+def emit(result: dict[str, Any], table: str, out: Path | None) -> None:
+    """What every benchmark script ends with: the figures as JSON and a Markdown table on stdout, JSON to --out."""
+    print(json.dumps(result, indent=2))
+    print(table)
+    if out:
+        out.write_text(json.dumps(result, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -124,10 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     result = run_embed_benchmark(args.pairs, args.data, args.encoder, tuple(args.batch_size or [64]))
-    print(json.dumps(result, indent=2))
-    print(markdown_table(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+    emit(result, markdown_table(result), args.out)
 
 
 if __name__ == "__main__":

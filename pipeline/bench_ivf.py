@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import time
 from dataclasses import replace
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.bench import emit
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = run(args.data, args.cache, args.noise, args.epochs, [int(x) for x in args.nprobe.split(",")],
                  args.nlist)
-    print(json.dumps(result, indent=2))
-    print(markdown_table(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+    emit(result, markdown_table(result), args.out)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,14 @@ OUTPUT_FLOAT = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match
 OUTPUT_INT = ("anchor_for_image", "anchor_for_text")
 FORMAT_VERSION = 1
 
+ANCHOR_INDEX_KINDS = ("auto", "flat", "ivf")
+# Default anchor bank bound: 65,536 anchors are more than Flickr8k's whole clean set (so its evaluation is
+# unchanged) and keep the checkpoint and the scoring indexes under ~600 MB whatever the crawl size.
+ANCHOR_CAP = 65_536
+# "auto" anchor search: exact below this many distinct rows (Flickr8k's banks stay exact: <= ~25k rows), IVF
+# above, where exact search costs 2 x rows x d FLOP per query on the CPU (134 MFLOP per pair at the cap).
+AUTO_IVF_MIN_ROWS = 32_768
+
 
 @dataclass
 class BiCroParams:
@@ -60,7 +68,9 @@ class BiCroParams:
     division: str = "bmm"
     clean_threshold: float = 0.5
     noisy_label_threshold: float = 0.5
-    anchor_top_k: int = 0  # anchor bank: the K most confident clean pairs (0 = the whole clean set)
+    # anchor bank: the K most confident clean pairs (0 = the whole clean set). Bounded by default so an epoch's
+    # anchor search costs the same per pair at 100k and at 10M pairs (fit time linear in pairs, docs/benchmarks.md)
+    anchor_top_k: int = ANCHOR_CAP
     top_anchors: int = 1024  # the most confident anchors whose soft label is 1 (-1 = every anchor)
     weight_decay: float = 1e-4
     dropout: float = 0.0
@@ -74,16 +84,17 @@ class BiCroParams:
     mixture_iterations: int = 10
     threads: int = 2  # torch/faiss CPU threads in fit and score; fixed so float sums match across machines; 0 = inherit
     # Anchor search in training's consistency labels and in scoring: "flat" = exact, "ivf" = faiss IndexIVFFlat,
-    # approximate but ~A / (nlist + nprobe * A / nlist) times less work (docs/benchmarks.md measures the cost).
-    anchor_index: str = "flat"
-    ivf_nlist: int = 0  # inverted lists; 0 = about 4 * sqrt(distinct anchor rows)
+    # approximate but ~A / (nlist + nprobe * A / nlist) times less work (docs/benchmarks.md measures the cost);
+    # "auto" = exact up to AUTO_IVF_MIN_ROWS distinct anchor rows (and always on CUDA), IVF above.
+    anchor_index: str = "auto"
+    ivf_nlist: int = 0  # inverted lists; 0 = about 2 * sqrt(distinct anchor rows)
     ivf_nprobe: int = 16  # lists visited per query
 
     def validate(self) -> None:
         if self.division not in ("bmm", "gmm"):
             raise ValueError(f"division must be 'bmm' or 'gmm', got {self.division!r}")
-        if self.anchor_index not in ("flat", "ivf"):
-            raise ValueError(f"anchor_index must be 'flat' or 'ivf', got {self.anchor_index!r}")
+        if self.anchor_index not in ANCHOR_INDEX_KINDS:
+            raise ValueError(f"anchor_index must be one of {ANCHOR_INDEX_KINDS}, got {self.anchor_index!r}")
         if self.ivf_nlist < 0 or self.ivf_nprobe < 1:
             raise ValueError("ivf_nlist must be >= 0 and ivf_nprobe >= 1")
         if self.warmup_epochs > self.epochs:
@@ -193,6 +204,13 @@ def auto_nlist(rows: int) -> int:
     return max(1, min(int(round(2 * math.sqrt(rows))), rows // 39))
 
 
+def use_ivf(kind: str, rows: int, exact: str = "faiss") -> bool:
+    """Whether an anchor bank of `rows` distinct rows is searched with IVF under `anchor_index` = kind."""
+    if kind == "auto":  # torch exact search on a GPU beat CPU faiss IVF at 100k anchors (docs/benchmarks.md)
+        return exact != "torch" and rows > AUTO_IVF_MIN_ROWS
+    return kind == "ivf"
+
+
 def _ivf_index(rows: np.ndarray, nlist: int, nprobe: int, seed: int) -> faiss.Index:
     """faiss IndexIVFFlat on unit rows; k-means with a fixed seed, so the same bank gives the same index."""
     d = rows.shape[1]
@@ -235,7 +253,7 @@ class AnchorIndex:
         distinct = np.ascontiguousarray(bank_np[rep1])
         k = min(2, len(rep1))
         # IVF needs enough rows to train lists; below a few lists' worth exact search is cheap anyway
-        if kind == "ivf" and len(distinct) >= 4 * 39:
+        if use_ivf(kind, len(distinct), exact) and len(distinct) >= 4 * 39:
             return cls(rep1, rep2, k, index=_ivf_index(distinct, nlist, nprobe, seed), kind="ivf")
         if exact == "torch":
             return cls(rep1, rep2, k, rows=bank[torch.from_numpy(rep1).to(bank.device)].float().contiguous())
@@ -401,9 +419,10 @@ def labels_from_division(div: Division, params: BiCroParams) -> EpochLabels:
     img = consistency_space(div.img_emb, space_center(div.img_emb, params.center_consistency))
     txt = consistency_space(div.txt_emb, space_center(div.txt_emb, params.center_consistency))
     indexes = None
-    if params.anchor_index == "ivf":  # exact search is quadratic in the pairs: hours per epoch at 1M on a CPU
-        indexes = tuple(AnchorIndex.build(x[a], "ivf", params.ivf_nlist, params.ivf_nprobe, params.seed)
-                        for x in (img, txt))
+    if params.anchor_index != "flat":  # exact search over a large bank: hours per epoch at 1M pairs on a CPU
+        exact = "torch" if img.device.type == "cuda" else "faiss"
+        indexes = tuple(AnchorIndex.build(x[a], params.anchor_index, params.ivf_nlist, params.ivf_nprobe,
+                                          params.seed, exact) for x in (img, txt))
     c, *_ = consistency_labels(img, txt, img[a], txt[a], own, indexes)
     c_np = c.double().cpu().numpy()
     top = top_anchor_mask(own, params.top_anchors)

@@ -48,15 +48,15 @@ class Plan:
     embed_encoders: dict[str, list[str]]  # per device
     embed_batches: dict[str, list[int]]  # per device
     embed_workers: dict[str, int]
-    fit_sizes: list[int]
-    fit_flat_max: int  # flat (exact) training search only up to this many pairs: it is quadratic
-    fit_ivf_max: int  # IVF training search up to this many pairs (on a GPU exact search is the faster one)
+    fit_sizes: list[int]  # the default anchor search ("auto") at each size; fit_sample is added by make_plan
     fit_batch: dict[str, int]
     score_anchors: list[int]
+    score_kinds: list[str]  # anchor searches measured at each anchor count ("auto" = the default's choice)
     score_pairs: int
     shard_pairs: int
     shard_counts: list[int]
     overhead_pairs: int = OVERHEAD_PAIRS
+    fit_sample: int = 0  # the pipeline's default bicro.fit_sample: what fitting costs for overhead_pairs input pairs
     image_size: tuple[int, int] = (500, 375)  # Flickr8k's typical photo
     isolate: bool = True  # each stage in a fresh process (its own peak RSS); off for the test's tiny run
     notes: list[str] = field(default_factory=list)
@@ -71,9 +71,9 @@ def make_plan(quick: bool, tiny: bool = False, cuda: bool | None = None) -> Plan
     if tiny:  # the test's end-to-end run: every code path, seconds
         return Plan(device="cpu", decode_pairs=16, decode_workers=[0, 1], decode_transform="tiny",
                     embed_pairs={"cpu": 16}, embed_encoders={"cpu": ["tiny"]}, embed_batches={"cpu": [8]},
-                    embed_workers={"cpu": 1}, fit_sizes=[300, 600], fit_flat_max=300, fit_ivf_max=600, fit_batch={"cpu": 64},
-                    score_anchors=[200], score_pairs=128, shard_pairs=64, shard_counts=[1, 2],
-                    overhead_pairs=1000, image_size=(64, 48), isolate=False)
+                    embed_workers={"cpu": 1}, fit_sizes=[300, 600], fit_batch={"cpu": 64},
+                    score_anchors=[200], score_kinds=["flat", "ivf"], score_pairs=128, shard_pairs=64, shard_counts=[1, 2],
+                    overhead_pairs=1000, fit_sample=600, image_size=(64, 48), isolate=False)
     workers = sorted({0, 2, min(cores, 8), cores})
     plan = Plan(
         device="cuda" if cuda else "cpu",
@@ -85,20 +85,29 @@ def make_plan(quick: bool, tiny: bool = False, cuda: bool | None = None) -> Plan
         embed_encoders={"cpu": ["towers", VIT], "cuda": ["towers", VIT]},
         embed_batches={"cpu": [32] if quick else [16, 32, 64], "cuda": [128, 256, 512] if quick else [64, 128, 256, 512, 1024]},
         embed_workers={"cpu": min(cores, 2), "cuda": cores},
-        fit_sizes=[10_000, 100_000] if quick else [10_000, 100_000, 1_000_000],
-        fit_flat_max=1_000_000 if cuda else 10_000,
-        fit_ivf_max=100_000 if cuda else 1_000_000,
+        # --quick on a CPU: 10k and the default fit sample only (a 100k-pair fit alone takes minutes there)
+        fit_sizes=[10_000, 100_000] if quick and cuda else [10_000] if quick else [10_000, 100_000, 1_000_000],
         fit_batch={"cpu": 128, "cuda": 1024},
-        score_anchors=[10_000, 100_000],
-        score_pairs=16_384 if cuda else 4096,
+        # the anchors a default fit can have (<= fit_sample pairs' clean set) and the 100k of the target
+        score_anchors=sorted({min(default_fit_sample() or 10_000, 100_000), 100_000}),
+        score_kinds=["auto"] if quick else ["flat", "ivf"],
+        score_pairs=16_384 if cuda else (2048 if quick else 4096),
         shard_pairs=8192 if cuda else (1024 if quick else 4096),
         shard_counts=[2, 8] if not quick else [2, 4],
+        fit_sample=default_fit_sample(),
     )
+    plan.fit_sizes = sorted(set(plan.fit_sizes) | {min(plan.fit_sample or OVERHEAD_PAIRS, OVERHEAD_PAIRS)})
     plan.embed_encoders = {d: plan.embed_encoders[d] for d in devices}
     return plan
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def default_fit_sample() -> int:
+    from pipeline.config import BiCroConfig
+
+    return BiCroConfig().fit_sample
 
 
 def peak_rss_mb() -> float:
@@ -279,7 +288,7 @@ def stage_fit(spec: dict[str, Any]) -> dict[str, Any]:
     image, text = synthetic_pairs(n, seed=3)
     # threads: the default 2 on CPU (the dev machine's cores); every core on a GPU machine (faiss IVF, hashing)
     params = BiCroParams(epochs=2, warmup_epochs=1, batch_size=spec["batch_size"], anchor_index=spec["index"],
-                         threads=2 if device == "cpu" else 0)
+                         threads=2 if device == "cpu" else 0)  # every other parameter at its default
     marks: list[float] = []
     start = time.perf_counter()
     with seeded(params.seed, device), _threads(params.threads):
@@ -329,7 +338,7 @@ def stage_score_model(spec: dict[str, Any]) -> dict[str, Any]:
     fit_model(spec["train_pairs"], spec["train_pairs"]).save(base)
     made = {}
     for anchors in spec["anchors"]:
-        for index in ("flat", "ivf"):
+        for index in spec["kinds"]:
             path = root / f"bicro-{index}-{anchors}"
             _model_with_anchors(str(base), anchors, index, path, spec["threads"])
             made[f"{index}@{anchors}"] = str(path)
@@ -448,17 +457,16 @@ def _embed(plan: Plan, root: Path, decode_shards: str) -> list[dict[str, Any]]:
 
 
 def _fit(plan: Plan) -> list[dict[str, Any]]:
+    """The default recipe (anchor bank capped at anchor_top_k, "auto" anchor search) at every size."""
     out = []
     for n in plan.fit_sizes:
-        indexes = [i for i, top in (("flat", plan.fit_flat_max), ("ivf", plan.fit_ivf_max)) if n <= top]
-        for index in indexes:
-            spec = {"pairs": n, "device": plan.device, "index": index, "batch_size": plan.fit_batch[plan.device]}
-            out.append(spawn("fit", spec, plan.isolate))
+        spec = {"pairs": n, "device": plan.device, "index": "auto", "batch_size": plan.fit_batch[plan.device]}
+        out.append(spawn("fit", spec, plan.isolate))
     return out
 
 
 def _score(plan: Plan, root: Path) -> dict[str, Any]:
-    made = spawn("score_model", {"root": str(root / "ckpt"), "anchors": plan.score_anchors,
+    made = spawn("score_model", {"root": str(root / "ckpt"), "anchors": plan.score_anchors, "kinds": plan.score_kinds,
                                  "threads": 2 if plan.device == "cpu" else 0,
                                  "train_pairs": min(8192, max(plan.score_anchors) * 2)}, plan.isolate)
     points = []
@@ -494,6 +502,10 @@ def summarise(result: dict[str, Any], plan: Plan) -> None:
     result["fit_seconds_per_epoch"] = {
         f"{f['pairs']}|{f['index']}": {"warmup": f["warmup_epoch_s"], "cotrain": f["cotrain_epoch_s"]}
         for f in result["fit"]}
+    # linear in pairs <=> the same microseconds per pair at every size
+    result["fit_us_per_pair"] = {
+        str(f["pairs"]): {"warmup": round(f["warmup_epoch_s"] / f["pairs"] * 1e6, 1),
+                          "cotrain": round(f["cotrain_epoch_s"] / f["pairs"] * 1e6, 1)} for f in result["fit"]}
     result["score_pairs_per_s"] = {
         f"{p['kind']}|{p['index']}|{p['anchors']}" + (f"|{p['shards']}x{p['shard_pairs']}" if p["kind"] == "path"
                                                       else ""): p["pairs_per_s"]
@@ -519,28 +531,47 @@ def _primary(detail: dict[str, Any], plan: Plan) -> str | None:
     return next(iter(detail), None)
 
 
+def resolved_search(kind: str, anchors: int, device: str) -> str:
+    """The anchor search a bank of `anchors` distinct rows gets under `bicro.anchor_index` = kind."""
+    from models.bicro import use_ivf
+
+    return "ivf" if use_ivf(kind, anchors, "torch" if device == "cuda" else "faiss") else "flat"
+
+
 def overhead(result: dict[str, Any], plan: Plan, embed_rates: dict[str, float]) -> dict[str, Any]:
-    """(fit + score + write) / embed at plan.overhead_pairs, per embed setting, with how each term was got."""
+    """(fit + score + write) / embed for plan.overhead_pairs input pairs with the default configuration, per
+    embed setting, with how each term was got.
+
+    The default fits on `bicro.fit_sample` pairs (all of them when the input is smaller), so the fit term is the
+    measured fit at that size; scoring and writing cover every input pair, with the anchors such a fit can have.
+    """
     n, epochs = plan.overhead_pairs, 8  # BiCroParams' default recipe: 1 warm-up + 7 co-training epochs
-    fits = {(f["pairs"], f["index"]): f for f in result["fit"]}
-    size = min((s for s, _ in fits), key=lambda s: abs(s - n))
-    index = "ivf" if (size, "ivf") in fits else "flat"
-    fit = fits[(size, index)]
-    fit_s = (fit["warmup_epoch_s"] + (epochs - 1) * fit["cotrain_epoch_s"]) * n / size
-    # score + write: the per-shard path at the largest anchor bank (~0.8 n anchors for n pairs), same index
-    paths = [p for p in result["score"]["points"] if p["kind"] == "path" and p["index"] == index]
-    top = max(p["anchors"] for p in paths)
+    fit_pairs = min(plan.fit_sample or n, n)
+    fits = {f["pairs"]: f for f in result["fit"]}
+    size = min(fits, key=lambda s: abs(s - fit_pairs))
+    fit = fits[size]
+    fit_s = (fit["warmup_epoch_s"] + (epochs - 1) * fit["cotrain_epoch_s"]) * fit_pairs / size
+    # score + write: the per-shard path with the smallest measured bank that holds every anchor of that fit
+    paths = [p for p in result["score"]["points"] if p["kind"] == "path"
+             and resolved_search(p["index"], p["anchors"], plan.device)
+             == resolved_search("auto", p["anchors"], plan.device)]
+    enough = [p["anchors"] for p in paths if p["anchors"] >= fit_pairs]
+    top = min(enough) if enough else max(p["anchors"] for p in paths)
     path_rate = min(p["pairs_per_s"] for p in paths if p["anchors"] == top)
     score_s = n / path_rate
+    search = resolved_search("auto", top, plan.device)
     out = {}
     for key, rate in embed_rates.items():
         embed_s = n / rate
         out[key] = {"ratio": round((fit_s + score_s) / embed_s, 4), "embed_s": round(embed_s, 1),
-                    "fit_s": round(fit_s, 1), "score_write_s": round(score_s, 1), "index": index,
-                    "how": (f"embed: {n:,} pairs at the measured {rate} pairs/s (extrapolated); fit: measured "
-                            f"warm-up + {epochs - 1} x co-training epoch at {size:,} pairs ({index} anchor search)"
-                            f"{'' if size == n else f', scaled by {n / size:g}'}; score+write: {n:,} pairs at "
-                            f"the slowest measured per-shard rate with {top:,} anchors ({path_rate} pairs/s)")}
+                    "fit_s": round(fit_s, 1), "score_write_s": round(score_s, 1), "index": search,
+                    "fit_pairs": fit_pairs,
+                    "how": (f"embed: {n:,} pairs at the measured {rate} pairs/s (extrapolated); fit: the default "
+                            f"bicro.fit_sample = {plan.fit_sample:,} pairs, measured warm-up + {epochs - 1} x "
+                            f"co-training epoch at {size:,} pairs"
+                            f"{'' if size == fit_pairs else f', scaled by {fit_pairs / size:g}'}; score+write: "
+                            f"{n:,} pairs at the slowest measured per-shard rate with {top:,} anchors "
+                            f"({search} search, {path_rate} pairs/s)")}
     return out
 
 
@@ -564,13 +595,15 @@ def markdown(result: dict[str, Any]) -> str:
     for f in result["fit"]:
         gpu_mem = f", GPU peak {f['cuda_peak_mb']:,.0f} MiB" if f.get("cuda_peak_mb") else ""
         lines.append(f"| fit | {f['pairs']:,} pairs, {f['device']}, batch {f['batch_size']}, {f['index']} | "
-                     f"warm-up epoch {f['warmup_epoch_s']} s, co-training epoch {f['cotrain_epoch_s']} s{gpu_mem} | "
+                     f"warm-up epoch {f['warmup_epoch_s']} s, co-training epoch {f['cotrain_epoch_s']} s "
+                     f"({f['cotrain_epoch_s'] / f['pairs'] * 1e6:,.0f} us per pair){gpu_mem} | "
                      f"{f['peak_rss_mb']:,.0f} |")
     for p in result["score"]["points"]:
         what = ("BiCroModel.score" if p["kind"] == "score" else
                 f"score_shard+decide+write {p['shards']} x {p['shard_pairs']}")
         build = f" (index build {p['index_build_s']} s)" if "index_build_s" in p else ""
-        lines.append(f"| score | {what}, {p['index']}, {p['anchors']:,} anchors, {p['device']} | "
+        search = p["index"] if p["index"] != "auto" else f"auto = {resolved_search('auto', p['anchors'], p['device'])}"
+        lines.append(f"| score | {what}, {search}, {p['anchors']:,} anchors, {p['device']} | "
                      f"{p['pairs_per_s']:,} pairs/s{build} | {p['peak_rss_mb']:,.0f} |")
     for key, o in result["overhead_ratio_detail"].items():
         lines.append(f"| overhead ratio | {key}, {o['index']} | {o['ratio']} = ({o['fit_s']} s fit + "

@@ -64,7 +64,10 @@ class BiCroConfig(_Section):
     division: Literal["bmm", "gmm"] = "bmm"
     clean_threshold: float = Field(0.5, ge=0, le=1, description="delta: p_clean above this is the clean set.")
     noisy_label_threshold: float = Field(0.5, ge=0, le=1, description="tau: noisy-set labels at or below are 0.")
-    anchor_top_k: int = Field(0, ge=0, description="0 = every clean pair is an anchor; K = the K most confident.")
+    anchor_top_k: int = Field(
+        65_536, ge=0, description="Anchor bank: the K most confident clean pairs (0 = every clean pair). Bounded so "
+        "the per-pair anchor search cost, the checkpoint and the scoring indexes do not grow with the crawl."
+    )
     top_anchors: int = Field(1024, ge=-1, description="Most confident anchors whose soft label is 1 (-1 = all).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW decoupled weight decay.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on head inputs and the MLP hidden layer.")
@@ -82,13 +85,18 @@ class BiCroConfig(_Section):
         2, ge=0, description="torch/faiss threads in fit and score. Fixed, not 'all cores': float sums depend on "
         "the thread count, and outputs must be identical whichever machine or runner does the work. 0 = inherit."
     )
-    anchor_index: Literal["flat", "ivf"] = Field(
-        "flat", description="Anchor search (consistency labels in training and scoring): flat = exact; ivf = faiss "
-        "IndexIVFFlat, approximate and much faster at 100k anchors (docs/benchmarks.md measures its agreement)."
+    anchor_index: Literal["auto", "flat", "ivf"] = Field(
+        "auto", description="Anchor search (consistency labels in training and scoring): flat = exact; ivf = faiss "
+        "IndexIVFFlat, approximate and much faster at 100k anchors (docs/benchmarks.md measures its agreement); "
+        "auto = exact up to 32,768 distinct anchor rows and on CUDA, IVF above."
     )
-    ivf_nlist: int = Field(0, ge=0, description="IVF inverted lists (0 = about 4 * sqrt(distinct anchor rows)).")
+    ivf_nlist: int = Field(0, ge=0, description="IVF inverted lists (0 = about 2 * sqrt(distinct anchor rows)).")
     ivf_nprobe: int = Field(16, ge=1, description="IVF lists visited per query: more = closer to exact, slower.")
-    fit_sample: int = Field(0, ge=0, description="Fit on this many pairs sampled from all shards (0 = all).")
+    fit_sample: int = Field(
+        16_384, ge=0, description="Fit on this many pairs sampled uniformly from all shards (0 = all). The fit "
+        "costs the same at 100k or 100M pairs; on Flickr8k at 40% noise (30,455 pairs) soft_label AUROC was 0.966 "
+        "with the default sample and 0.982 fitting on all (README, Performance)."
+    )
 
 
 class SelectConfig(_Section):

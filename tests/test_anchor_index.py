@@ -71,3 +71,41 @@ def test_scoring_state_built_once_and_reset_with_the_anchor_bank():
     assert model.scoring_state() is not state
     out = model.score(image[:5], text[:5])
     assert out["anchor_for_image"].max() < 50 and out["anchor_for_text"].max() < 50
+
+
+def test_auto_search_is_exact_for_small_banks_and_ivf_above_the_threshold(monkeypatch):
+    import models.bicro as bicro
+
+    bank = _unit(2000, 32, 4)
+    assert AnchorIndex.build(bank, "auto").kind == "flat"  # 2,000 rows <= AUTO_IVF_MIN_ROWS
+    monkeypatch.setattr(bicro, "AUTO_IVF_MIN_ROWS", 1000)
+    assert AnchorIndex.build(bank, "auto").kind == "ivf"
+    assert AnchorIndex.build(bank, "auto", exact="torch").kind == "flat"  # exact torch search on a GPU
+    assert AnchorIndex.build(bank, "flat").kind == "flat"
+
+
+def test_training_uses_the_auto_index_above_the_threshold(monkeypatch):
+    """Training's consistency labels go through the same auto choice as scoring, so a large anchor bank is
+    searched with IVF in every epoch (the cost per pair stays bounded: fit time linear in pairs)."""
+    import models.bicro as bicro
+
+    built: list[str] = []
+    original = bicro.AnchorIndex.build.__func__
+
+    def spy(cls, bank, kind="flat", *args, **kwargs):
+        index = original(cls, bank, kind, *args, **kwargs)
+        built.append(index.kind)
+        return index
+
+    monkeypatch.setattr(bicro, "AUTO_IVF_MIN_ROWS", 150)
+    monkeypatch.setattr(bicro.AnchorIndex, "build", classmethod(spy))
+    image, text = _pairs(seed=2)
+    fit_bicro(image, text, dataclasses.replace(PARAMS, anchor_index="auto"))
+    assert "ivf" in built  # banks of > 150 distinct rows (the clean set of 400 pairs) in training
+
+
+def test_default_anchor_bank_is_bounded():
+    from pipeline.config import BiCroConfig
+
+    assert BiCroParams().anchor_top_k == BiCroConfig().anchor_top_k == 65_536
+    assert BiCroParams().anchor_index == BiCroConfig().anchor_index == "auto"

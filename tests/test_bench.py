@@ -26,7 +26,8 @@ def test_tiny_bench_runs_every_stage(tmp_path):
     assert all(_positive(v) for v in result["decode_samples_per_s"].values())
     assert set(result["embed_pairs_per_s"]) == {"tiny|cpu|fp32"}
     assert all(_positive(v) for v in result["embed_pairs_per_s"].values())
-    assert set(result["fit_seconds_per_epoch"]) == {"300|flat", "300|ivf", "600|ivf"}
+    assert set(result["fit_seconds_per_epoch"]) == {"300|auto", "600|auto"}
+    assert set(result["fit_us_per_pair"]) == {"300", "600"}
     for epoch in result["fit_seconds_per_epoch"].values():
         assert _positive(epoch["warmup"]) and _positive(epoch["cotrain"])
     kinds = {k.split("|")[0] for k in result["score_pairs_per_s"]}
@@ -36,7 +37,18 @@ def test_tiny_bench_runs_every_stage(tmp_path):
     assert set(result["peak_rss_mb"]) == {"decode", "embed", "fit", "score"}
     assert _positive(result["peak_rss_mb"]["decode"])
     detail = result["overhead_ratio_detail"]["tiny|cpu|fp32"]
-    assert "extrapolated" in detail["how"]
+    assert "extrapolated" in detail["how"] and detail["fit_pairs"] == 600  # the plan's fit_sample
     assert math.isclose(detail["ratio"], (detail["fit_s"] + detail["score_write_s"]) / detail["embed_s"], rel_tol=0.01)
     table = markdown(result)
     assert "| read+decode |" in table and "| overhead ratio |" in table
+
+
+def test_plans_fit_the_default_sample_and_skip_1m_when_quick():
+    from pipeline.config import BiCroConfig
+
+    sample = BiCroConfig().fit_sample
+    quick, full = make_plan(quick=True, cuda=False), make_plan(quick=False, cuda=False)
+    assert sample in quick.fit_sizes and sample in full.fit_sizes
+    assert max(quick.fit_sizes) < 1_000_000 and {10_000, 100_000, 1_000_000} <= set(full.fit_sizes)
+    assert quick.score_kinds == ["auto"] and set(full.score_kinds) == {"flat", "ivf"}
+    assert 100_000 in quick.score_anchors

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -88,7 +88,7 @@ class BiCroParams:
     # "auto" = exact up to AUTO_IVF_MIN_ROWS distinct anchor rows (and always on CUDA), IVF above.
     anchor_index: str = "auto"
     ivf_nlist: int = 0  # inverted lists; 0 = about 2 * sqrt(distinct anchor rows)
-    ivf_nprobe: int = 16  # lists visited per query
+    ivf_nprobe: int = 8  # lists visited per query
 
     def validate(self) -> None:
         if self.division not in ("bmm", "gmm"):
@@ -806,10 +806,9 @@ def run_cotraining(
             if monitor is not None:
                 monitor(epoch, trainer, None, None)
             continue
-        divs = [_divide(trainer.nets[k], data, bank, params) for k in range(2)]
+        divs, labs = divide_and_label(trainer, data, bank, params, keep_embeddings=monitor is not None)
         with_noisy = epoch >= noisy_start_epoch(params)
         info: dict = {}
-        labs = [labels_from_division(divs[1 - k], params) for k in range(2)]  # co-teaching: the peer labels
         for k in range(2):
             lab = labs[k]
             clean_idx = np.flatnonzero(lab.train_clean)
@@ -833,6 +832,25 @@ def run_cotraining(
             _log_epoch(epoch, params, info, t0)
         if monitor is not None:
             monitor(epoch, trainer, divs, labs)
+
+
+def divide_and_label(
+    trainer: CoTrainer, data: PairData, bank: NegativeBank, params: BiCroParams, keep_embeddings: bool = False
+) -> tuple[list[Division], list[EpochLabels]]:
+    """Each network's division and the labels it gives its peer (co-teaching: labs[k] comes from net 1 - k).
+
+    One division at a time, its embeddings dropped once its labels exist (unless `keep_embeddings`): at 1M
+    pairs each division holds 4 GB, and the consistency space makes centred copies of it.
+    """
+    divs: list[Division] = []
+    labs: list[EpochLabels | None] = [None, None]
+    for j in range(2):
+        div = _divide(trainer.nets[j], data, bank, params)
+        labs[1 - j] = labels_from_division(div, params)
+        if not keep_embeddings:
+            div = replace(div, img_emb=div.img_emb.new_zeros((0,)), txt_emb=div.txt_emb.new_zeros((0,)))  # no view: frees
+        divs.append(div)
+    return divs, [lab for lab in labs if lab is not None]
 
 
 def _divide(net: Matcher, data: PairData, bank: NegativeBank, params: BiCroParams) -> Division:

@@ -91,7 +91,7 @@ class BiCroConfig(_Section):
         "auto = exact up to 32,768 distinct anchor rows and on CUDA, IVF above."
     )
     ivf_nlist: int = Field(0, ge=0, description="IVF inverted lists (0 = about 2 * sqrt(distinct anchor rows)).")
-    ivf_nprobe: int = Field(16, ge=1, description="IVF lists visited per query: more = closer to exact, slower.")
+    ivf_nprobe: int = Field(8, ge=1, description="IVF lists visited per query: more = closer to exact, slower.")
     fit_sample: int = Field(
         16_384, ge=0, description="Fit on this many pairs sampled uniformly from all shards (0 = all). The fit "
         "costs the same at 100k or 100M pairs; on Flickr8k at 40% noise (30,455 pairs) soft_label AUROC was 0.966 "

@@ -418,11 +418,11 @@ def labels_from_division(div: Division, params: BiCroParams) -> EpochLabels:
     a = torch.from_numpy(anchors).to(div.img_emb.device)
     img = consistency_space(div.img_emb, space_center(div.img_emb, params.center_consistency))
     txt = consistency_space(div.txt_emb, space_center(div.txt_emb, params.center_consistency))
-    indexes = None
-    if params.anchor_index != "flat":  # exact search over a large bank: hours per epoch at 1M pairs on a CPU
-        exact = "torch" if img.device.type == "cuda" else "faiss"
-        indexes = tuple(AnchorIndex.build(x[a], params.anchor_index, params.ivf_nlist, params.ivf_nprobe,
-                                          params.seed, exact) for x in (img, txt))
+    # the run's anchor search ("auto": IVF once the bank is large; exact search over a large bank every epoch
+    # would take hours at 1M pairs on a CPU)
+    exact = "torch" if img.device.type == "cuda" else "faiss"
+    indexes = tuple(AnchorIndex.build(x[a], params.anchor_index, params.ivf_nlist, params.ivf_nprobe, params.seed,
+                                      exact) for x in (img, txt))
     c, *_ = consistency_labels(img, txt, img[a], txt[a], own, indexes)
     c_np = c.double().cpu().numpy()
     top = top_anchor_mask(own, params.top_anchors)
@@ -847,8 +847,8 @@ def divide_and_label(
     for j in range(2):
         div = _divide(trainer.nets[j], data, bank, params)
         labs[1 - j] = labels_from_division(div, params)
-        if not keep_embeddings:
-            div = replace(div, img_emb=div.img_emb.new_zeros((0,)), txt_emb=div.txt_emb.new_zeros((0,)))  # no view: frees
+        if not keep_embeddings:  # new empty tensors, not [:0] views, which would keep the storage alive
+            div = replace(div, img_emb=div.img_emb.new_zeros((0,)), txt_emb=div.txt_emb.new_zeros((0,)))
         divs.append(div)
     return divs, [lab for lab in labs if lab is not None]
 

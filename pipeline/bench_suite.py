@@ -61,6 +61,11 @@ class Plan:
     isolate: bool = True  # each stage in a fresh process (its own peak RSS); off for the test's tiny run
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def overhead_fit_pairs(self) -> int:
+        """Pairs the default configuration fits on for overhead_pairs input pairs (fit_sample 0 = all of them)."""
+        return min(self.fit_sample or self.overhead_pairs, self.overhead_pairs)
+
 
 def make_plan(quick: bool, tiny: bool = False, cuda: bool | None = None) -> Plan:
     import torch
@@ -75,6 +80,7 @@ def make_plan(quick: bool, tiny: bool = False, cuda: bool | None = None) -> Plan
                     score_anchors=[200], score_kinds=["flat", "ivf"], score_pairs=128, shard_pairs=64, shard_counts=[1, 2],
                     overhead_pairs=1000, fit_sample=600, image_size=(64, 48), isolate=False)
     workers = sorted({0, 2, min(cores, 8), cores})
+    sample = default_fit_sample()
     plan = Plan(
         device="cuda" if cuda else "cpu",
         decode_pairs=4096 if cuda else (512 if quick else 1024),
@@ -89,14 +95,14 @@ def make_plan(quick: bool, tiny: bool = False, cuda: bool | None = None) -> Plan
         fit_sizes=[10_000, 100_000] if quick and cuda else [10_000] if quick else [10_000, 100_000, 1_000_000],
         fit_batch={"cpu": 128, "cuda": 1024},
         # the anchors a default fit can have (<= fit_sample pairs' clean set) and the 100k of the target
-        score_anchors=sorted({min(default_fit_sample() or 10_000, 100_000), 100_000}),
+        score_anchors=sorted({min(sample or 10_000, 100_000), 100_000}),
         score_kinds=["auto"] if quick else ["flat", "ivf"],
         score_pairs=16_384 if cuda else (2048 if quick else 4096),
         shard_pairs=8192 if cuda else (1024 if quick else 4096),
         shard_counts=[2, 8] if not quick else [2, 4],
-        fit_sample=default_fit_sample(),
+        fit_sample=sample,
     )
-    plan.fit_sizes = sorted(set(plan.fit_sizes) | {min(plan.fit_sample or OVERHEAD_PAIRS, OVERHEAD_PAIRS)})
+    plan.fit_sizes = sorted(set(plan.fit_sizes) | {plan.overhead_fit_pairs})
     plan.embed_encoders = {d: plan.embed_encoders[d] for d in devices}
     return plan
 
@@ -547,7 +553,7 @@ def overhead(result: dict[str, Any], plan: Plan, embed_rates: dict[str, float]) 
     measured fit at that size; scoring and writing cover every input pair, with the anchors such a fit can have.
     """
     n, epochs = plan.overhead_pairs, 8  # BiCroParams' default recipe: 1 warm-up + 7 co-training epochs
-    fit_pairs = min(plan.fit_sample or n, n)
+    fit_pairs = plan.overhead_fit_pairs
     fits = {f["pairs"]: f for f in result["fit"]}
     size = min(fits, key=lambda s: abs(s - fit_pairs))
     fit = fits[size]
@@ -595,10 +601,11 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| embed | {r['encoder']} {r['device']} {r['precision']}, batch {r['batch_size']}, "
                          f"{r['workers']} workers | {r['pairs_per_s']:,} pairs/s{share} | {g['peak_rss_mb']:,.0f} |")
     for f in result["fit"]:
+        per_pair = result["fit_us_per_pair"][str(f["pairs"])]["cotrain"]
         gpu_mem = f", GPU peak {f['cuda_peak_mb']:,.0f} MiB" if f.get("cuda_peak_mb") else ""
         lines.append(f"| fit | {f['pairs']:,} pairs, {f['device']}, batch {f['batch_size']}, {f['index']} | "
                      f"warm-up epoch {f['warmup_epoch_s']} s, co-training epoch {f['cotrain_epoch_s']} s "
-                     f"({f['cotrain_epoch_s'] / f['pairs'] * 1e6:,.0f} us per pair){gpu_mem} | "
+                     f"({per_pair:,.0f} us per pair){gpu_mem} | "
                      f"{f['peak_rss_mb']:,.0f} |")
     for p in result["score"]["points"]:
         what = ("BiCroModel.score" if p["kind"] == "score" else

@@ -292,9 +292,12 @@ def _register_tiny_config() -> None:
 
     if TINY_MODEL_NAME in open_clip.list_models():
         return
-    folder = Path(tempfile.mkdtemp(prefix="bicro-tiny-"))
-    (folder / f"{TINY_MODEL_NAME}.json").write_text(json.dumps(_TINY_CONFIG))
-    open_clip.add_model_config(folder)
+    # add_model_config reads the file at once and open_clip keeps what it read across rescans, so the folder can
+    # go straight away (one left behind per process piled up by the hundred in /tmp).
+    with tempfile.TemporaryDirectory(prefix="bicro-tiny-") as folder:
+        config_file = Path(folder) / f"{TINY_MODEL_NAME}.json"
+        config_file.write_text(json.dumps(_TINY_CONFIG))
+        open_clip.add_model_config(config_file)
 
 
 def load_open_clip(

@@ -5,13 +5,17 @@ open_clip's training requirements pin webdataset<=0.2.86, and with the webdatase
 test builds (once, cached) a separate clean virtualenv with a trainer's pins and runs the loader there, in a
 subprocess; the pipeline itself runs here, in the project's venv.
 
-The venv lives at $BICRO_DOWNSTREAM_VENV, or ~/.cache/bicro-clean/downstream-venv-<hash of the pins>. The first
-build installs torch from the local wheels (several GB unpacked): minutes, not seconds.
+The venv lives at $BICRO_DOWNSTREAM_VENV, or ~/.cache/bicro-clean/downstream-venv-<hash of the pins>. It holds
+only what a trainer pins differently from us (webdataset 0.2.86, pandas) and reaches torch, torchvision and
+open-clip-torch through a .pth file pointing at this venv's site-packages, placed after its own: a second copy of
+torch would cost 5.6 GB of disk (the CI machine's disk filled up once with it), and those three are the same
+releases a trainer installs. The first build takes seconds to a minute.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -19,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -32,10 +37,12 @@ from pipeline.shards import RawSample, iter_shard
 
 logger = logging.getLogger(__name__)
 
-# What a downstream open_clip trainer installs. open-clip-torch is pinned to the release our own venv has so the
-# cached venv (keyed on these pins) cannot silently go stale against a newer loader.
-DOWNSTREAM_PINS = ("torch==2.14.1", "torchvision==0.29.1", "open-clip-torch==3.3.0", "webdataset==0.2.86",
-                   "pandas", "braceexpand")
+# What a downstream open_clip trainer installs on top of torch, torchvision and open-clip-torch (which it shares
+# with our venv). webdataset goes in with --no-deps --ignore-installed so pip never touches our venv's 1.x.
+DOWNSTREAM_PINS = ("webdataset==0.2.86", "pandas", "braceexpand")
+# Shared with our venv, so part of the cache key: a venv built against other releases must not be reused.
+SHARED_PACKAGES = ("torch", "torchvision", "open-clip-torch")
+BASE_PTH = "zz-bicro-base-venv.pth"
 READY_MARKER = ".bicro-downstream-ready"
 BUILD_TIMEOUT_S = 1800
 LOADER_TIMEOUT_S = 600
@@ -100,9 +107,17 @@ print(json.dumps({"webdataset": getattr(wds, "__version__", None),
 # ---------------------------------------------------------------------------------------------- the venv
 
 
+def base_site_packages() -> Path:
+    """This venv's site-packages: where the downstream venv finds torch, torchvision and open-clip-torch."""
+    return Path(sysconfig.get_paths()["purelib"])
+
+
 def pins_hash(pins: tuple[str, ...] = DOWNSTREAM_PINS) -> str:
-    """Key of a venv: the pins and the interpreter's minor version (a venv is tied to its Python)."""
-    payload = json.dumps({"pins": list(pins), "python": list(sys.version_info[:2])})
+    """Key of a venv: the pins, the interpreter's minor version (a venv is tied to its Python), the base it layers
+    over and the shared packages' versions there."""
+    shared = {name: importlib.metadata.version(name) for name in SHARED_PACKAGES}
+    payload = json.dumps({"pins": list(pins), "python": list(sys.version_info[:2]),
+                          "base": str(base_site_packages()), "shared": shared})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -127,13 +142,30 @@ def _is_ready(path: Path) -> bool:
     return "BICRO_DOWNSTREAM_VENV" in os.environ or (path / READY_MARKER).exists()
 
 
-def _pip_install(python: Path, pins: tuple[str, ...]) -> subprocess.CompletedProcess:
-    command = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *pins]
+def _pip_install(python: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args]
     return subprocess.run(command, capture_output=True, text=True, env=_clean_env(), timeout=BUILD_TIMEOUT_S)
 
 
+def _venv_site_packages(python: Path) -> Path:
+    done = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True, env=_clean_env())
+    return Path(done.stdout.strip())
+
+
+def _install_pins(python: Path, pins: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """webdataset alone and without dependencies (pip must not try to replace the base's 1.x); the rest normally,
+    their dependencies found in the base where it has them."""
+    wds_pins = tuple(p for p in pins if p.startswith("webdataset"))
+    other_pins = tuple(p for p in pins if not p.startswith("webdataset"))
+    done = _pip_install(python, "--no-deps", "--ignore-installed", *wds_pins) if wds_pins else None
+    if done is None or done.returncode == 0:
+        done = _pip_install(python, *other_pins)
+    return done
+
+
 def build_venv(target: Path, pins: tuple[str, ...] = DOWNSTREAM_PINS) -> float:
-    """Build a clean venv at `target` (in a scratch folder, renamed when complete); returns seconds taken.
+    """Build a venv at `target` (in a scratch folder, renamed when complete); returns seconds taken.
 
     Building beside the target and renaming means an interrupted build never looks ready. Only bin/python is
     used afterwards, and it finds its site-packages relative to itself, so the renamed venv works.
@@ -143,7 +175,10 @@ def build_venv(target: Path, pins: tuple[str, ...] = DOWNSTREAM_PINS) -> float:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(scratch)], check=True, env=_clean_env())
-    done = _pip_install(scratch / "bin" / "python", pins)
+    python = scratch / "bin" / "python"
+    # A .pth line is appended to sys.path after the venv's own site-packages, so the pins shadow the base.
+    (_venv_site_packages(python) / BASE_PTH).write_text(f"{base_site_packages()}\n")
+    done = _install_pins(python, pins)
     if done.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
         output = done.stdout + done.stderr

@@ -72,3 +72,17 @@ def test_efficientnet_lite_keeps_its_relu6_activations():
     model, _, _ = _efficientnet_lite0()
     names = {type(m).__name__ for m in model.modules()}
     assert not names & {"Swish", "MemoryEfficientSwish"}, names
+
+
+def test_tiny_config_registration_leaves_no_temp_folder(tmp_path):
+    """Each process registers the tiny open_clip config from a temp folder; it must not outlive the call."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import open_clip; from models.encoders import _register_tiny_config, TINY_MODEL_NAME; "
+            "_register_tiny_config(); assert TINY_MODEL_NAME in open_clip.list_models(); "
+            "open_clip.add_model_config('/nonexistent'); assert TINY_MODEL_NAME in open_clip.list_models()")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    assert list(tmp_path.glob("bicro-tiny-*")) == []  # (torch may leave its own torchinductor_* here)

@@ -308,6 +308,16 @@ def nearest_anchor(
     return index.best(hits, self_index)
 
 
+def _dot_with_rows(x: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, chunk: int = 65_536) -> torch.Tensor:
+    """(x[n] . bank[rows[n]]) for every n, a chunk of rows at a time: gathering bank[rows] whole would make two
+    (N, d) temporaries (2 GB each at 1M pairs) just to take N dot products."""
+    out = x.new_empty(x.shape[0])
+    for start in range(0, x.shape[0], chunk):
+        part = slice(start, start + chunk)
+        out[part] = (x[part] * bank[rows[part]]).sum(dim=1)
+    return out
+
+
 def consistency_labels(
     img_emb: torch.Tensor,
     txt_emb: torch.Tensor,
@@ -343,8 +353,8 @@ def consistency_labels(
         a = torch.from_numpy(np.maximum(anchor, 0)).to(dev)
         if anchor_img.shape[0] == 0:
             return torch.zeros(n, device=dev)
-        u = (img_emb * anchor_img[a]).sum(dim=1)
-        v = (txt_emb * anchor_txt[a]).sum(dim=1)
+        u = _dot_with_rows(img_emb, anchor_img, a)
+        v = _dot_with_rows(txt_emb, anchor_txt, a)
         return torch.where(valid, _ratio(u, v), torch.zeros_like(u))
 
     r_i2t, r_t2i = ratio_with(a_img), ratio_with(a_txt)
@@ -386,15 +396,20 @@ def clean_set(p_clean: np.ndarray, threshold: float, min_fraction: float = 0.01)
     return clean
 
 
-def consistency_space(emb: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+def consistency_space(emb: torch.Tensor, center: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
     """Embeddings as used for consistency: minus the space's mean direction, re-normalised.
 
     A triplet-trained space is a narrow cone: two unrelated captions have cosine ~0.5, so min/max ratios are
     high for every pair and tau = 0.5 separates nothing. Removing the mean puts unrelated items near 0.
+    `inplace` overwrites `emb` (same arithmetic as F.normalize: x / max(|x|, 1e-12)) when the caller has no
+    further use for it, saving a full-size copy.
     """
     if center is None:
         return emb
-    return torch.nn.functional.normalize(emb - center, dim=-1)
+    if not inplace:
+        return torch.nn.functional.normalize(emb - center, dim=-1)
+    emb.sub_(center)
+    return emb.div_(emb.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 def space_center(emb: torch.Tensor, enabled: bool) -> torch.Tensor | None:
@@ -409,15 +424,17 @@ class EpochLabels:
     train_clean: np.ndarray  # (N,) bool: the clean-set pairs the peer actually trains on
 
 
-def labels_from_division(div: Division, params: BiCroParams) -> EpochLabels:
-    """Everything one network hands its peer for an epoch: split, anchors and soft labels."""
+def labels_from_division(div: Division, params: BiCroParams, consume: bool = False) -> EpochLabels:
+    """Everything one network hands its peer for an epoch: split, anchors and soft labels.
+
+    `consume`: the division's embeddings may be overwritten (the caller drops them afterwards)."""
     clean = clean_set(div.p_clean, params.clean_threshold)
     anchors = select_anchors(div.p_clean, clean, params.anchor_top_k)
     own = np.full(len(clean), -1, dtype=np.int64)
     own[anchors] = np.arange(len(anchors))
     a = torch.from_numpy(anchors).to(div.img_emb.device)
-    img = consistency_space(div.img_emb, space_center(div.img_emb, params.center_consistency))
-    txt = consistency_space(div.txt_emb, space_center(div.txt_emb, params.center_consistency))
+    img = consistency_space(div.img_emb, space_center(div.img_emb, params.center_consistency), consume)
+    txt = consistency_space(div.txt_emb, space_center(div.txt_emb, params.center_consistency), consume)
     # the run's anchor search ("auto": IVF once the bank is large; exact search over a large bank every epoch
     # would take hours at 1M pairs on a CPU)
     exact = "torch" if img.device.type == "cuda" else "faiss"
@@ -794,8 +811,10 @@ def run_cotraining(
     log_every: int,
     t0: float,
     monitor: Callable[[int, CoTrainer, list[Division] | None, list[EpochLabels] | None], None] | None = None,
+    keep_embeddings: bool = False,
 ) -> None:
-    """The co-training loop. ``monitor`` (development only) sees each epoch's divisions and labels."""
+    """The co-training loop. ``monitor`` (development only) sees each epoch's divisions and labels; the divisions
+    keep their pair embeddings only with ``keep_embeddings`` (4 GB per division at 1M pairs)."""
     dev = trainer.device
     for epoch in range(params.epochs):
         trainer.set_epoch(epoch)
@@ -806,7 +825,7 @@ def run_cotraining(
             if monitor is not None:
                 monitor(epoch, trainer, None, None)
             continue
-        divs, labs = divide_and_label(trainer, data, bank, params, keep_embeddings=monitor is not None)
+        divs, labs = divide_and_label(trainer, data, bank, params, keep_embeddings=keep_embeddings)
         with_noisy = epoch >= noisy_start_epoch(params)
         info: dict = {}
         for k in range(2):
@@ -846,7 +865,7 @@ def divide_and_label(
     labs: list[EpochLabels | None] = [None, None]
     for j in range(2):
         div = _divide(trainer.nets[j], data, bank, params)
-        labs[1 - j] = labels_from_division(div, params)
+        labs[1 - j] = labels_from_division(div, params, consume=not keep_embeddings)
         if not keep_embeddings:  # new empty tensors, not [:0] views, which would keep the storage alive
             div = replace(div, img_emb=div.img_emb.new_zeros((0,)), txt_emb=div.txt_emb.new_zeros((0,)))
         divs.append(div)

@@ -14,12 +14,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runners import task_runner_for
-from pipeline import run as stages
-from pipeline.config import CleanConfig
-from pipeline.embed import embed_one_shard
-from pipeline.score import load_model, score_shard
-from pipeline.shards import shard_id
+from bicro_clean.flows.runners import task_runner_for
+from bicro_clean.pipeline import run as stages
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.embed import embed_one_shard
+from bicro_clean.pipeline.score import load_model, score_shard
+from bicro_clean.pipeline.shards import shard_id
 
 logger = logging.getLogger(__name__)
 IO_RETRIES = dict(retries=2, retry_delay_seconds=5)  # transient IO (object stores, NFS hiccups)

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from pipeline.config import RunnerConfig
+from bicro_clean.pipeline.config import RunnerConfig
 
 logger = logging.getLogger(__name__)
 

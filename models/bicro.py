@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 import torch
 
-from models.cotrain import (
+from bicro_clean.models.cotrain import (
     CHUNK,
     CoTrainer,
     Division,
@@ -34,9 +34,9 @@ from models.cotrain import (
     row_hashes,
     seeded,
 )
-from models.losses import bank_mean_hinge
-from models.matcher import Matcher
-from models.mixture import Mixture, mixture_from_tensor, normalise_losses
+from bicro_clean.models.losses import bank_mean_hinge
+from bicro_clean.models.matcher import Matcher
+from bicro_clean.models.mixture import Mixture, mixture_from_tensor, normalise_losses
 
 logger = logging.getLogger(__name__)
 
@@ -486,7 +486,7 @@ class ScoringState:
         p, dev = model.params, model.device
         if dev.type == "cpu":
             # keep glibc from unmapping every MB-sized activation after use (page faults dominated small ops)
-            from models.encoders import tune_cpu_allocator
+            from bicro_clean.models.encoders import tune_cpu_allocator
 
             tune_cpu_allocator()
         bank_emb = [embed_pairs(net, model.bank.image.to(dev), model.bank.text.to(dev)) for net in model.nets]

@@ -21,9 +21,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from models.losses import bank_mean_hinge, hardest_triplet, mean_triplet, small_loss_mean, soft_margin
-from models.matcher import Matcher
-from models.mixture import Mixture, fit_mixture, normalise_losses
+from bicro_clean.models.losses import bank_mean_hinge, hardest_triplet, mean_triplet, small_loss_mean, soft_margin
+from bicro_clean.models.matcher import Matcher
+from bicro_clean.models.mixture import Mixture, fit_mixture, normalise_losses
 
 logger = logging.getLogger(__name__)
 

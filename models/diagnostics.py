@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bicro import embed_pairs, normalise_losses, row_hashes
-from models.cotrain import bank_losses  # defined there; models.bicro stopped re-exporting it in 94d9883
+from bicro_clean.models.bicro import embed_pairs, normalise_losses, row_hashes
+from bicro_clean.models.cotrain import bank_losses  # defined there; models.bicro stopped re-exporting it in 94d9883
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from models.encoders import load_encoder
-from pipeline.config import CleanConfig
-from pipeline.embed import EmbedTimings, embed_shards
-from pipeline.make_shards import make_shards
-from pipeline.parquet_io import cpu_threads
+from bicro_clean.models.encoders import load_encoder
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.embed import EmbedTimings, embed_shards
+from bicro_clean.pipeline.make_shards import make_shards
+from bicro_clean.pipeline.parquet_io import cpu_threads
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench import emit
+from bicro_clean.pipeline.bench import emit
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def auroc(score: np.ndarray, positive: np.ndarray) -> float:
 
 def run(data_dir: Path, cache_dir: Path, noise: float, epochs: int, nprobes: list[int], nlist: int,
         seed: int = 0) -> dict[str, Any]:
-    from models.bicro import BiCroParams, fit_bicro
-    from pipeline.evaluate import load_benchmark
+    from bicro_clean.models.bicro import BiCroParams, fit_bicro
+    from bicro_clean.pipeline.evaluate import load_benchmark
 
     bench = load_benchmark(data_dir, noise, seed, cache_dir)
     keys = [f"train/{i}" for i in range(len(bench.train_image))]
@@ -99,8 +99,8 @@ def caption_recall(data_dir: Path, cache_dir: Path, bank_rows: int, nlists: list
     with a real neighbourhood structure (synthetic Gaussian pairs have none, the worst case for IVF)."""
     import torch
 
-    from models.bicro import AnchorIndex, nearest_anchor
-    from pipeline.evaluate import load_benchmark
+    from bicro_clean.models.bicro import AnchorIndex, nearest_anchor
+    from bicro_clean.pipeline.evaluate import load_benchmark
 
     bench = load_benchmark(data_dir, 0.0, seed, cache_dir)
     text = np.concatenate([bench.train_text, bench.test_text]).astype(np.float32)

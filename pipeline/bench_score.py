@@ -70,8 +70,8 @@ def fit_model(pool_pairs: int, train_pairs: int, seed: int = 0) -> Any:
     bank without training on 125k pairs (~10 min on 2 cores). `fit_bicro` is not called because it ends by
     scoring every training pair against the whole anchor bank: at 100k anchors, the very cost measured here.
     """
-    from models.bicro import BiCroParams, _threads, finalise, run_cotraining
-    from models.cotrain import CoTrainer, NegativeBank, PairData, seeded
+    from bicro_clean.models.bicro import BiCroParams, _threads, finalise, run_cotraining
+    from bicro_clean.models.cotrain import CoTrainer, NegativeBank, PairData, seeded
 
     image, text = synthetic_pairs(pool_pairs, seed)
     train = min(train_pairs, pool_pairs)
@@ -121,8 +121,8 @@ def write_tar(path: Path, keys: list[str], captions: list[str], image: bytes) ->
 def write_embeddings(output: str, shard: str, keys: list[str], captions: list[str], image: np.ndarray,
                      text: np.ndarray) -> None:
     """An embeddings Parquet exactly as the embed stage writes it (pipeline.embed._embed_table + metadata)."""
-    from pipeline.embed import _embed_table, embedding_path
-    from pipeline.parquet_io import digest, package_version, write_parquet_atomic
+    from bicro_clean.pipeline.embed import _embed_table, embedding_path
+    from bicro_clean.pipeline.parquet_io import digest, package_version, write_parquet_atomic
 
     rows = [{"key": k, "status": "ok", "reason": None, "detail": None, "caption": c, "width": 16, "height": 16,
              "url": None, "uid": None, "image_sha256": None} for k, c in zip(keys, captions)]
@@ -167,7 +167,7 @@ def peak_rss_mib() -> float:
 
 def measure_score(checkpoint: str, pairs: int, seed: int) -> dict[str, Any]:
     """`BiCroModel.score` alone on `pairs` in-memory pairs with run-wide keys (as score_batch passes them)."""
-    from pipeline.score import load_model
+    from bicro_clean.pipeline.score import load_model
 
     model = load_model(checkpoint)
     model.scoring_state()  # built once per loaded model; paid on the first score() otherwise
@@ -182,10 +182,10 @@ def measure_score(checkpoint: str, pairs: int, seed: int) -> dict[str, Any]:
 
 def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> dict[str, Any]:
     """duplicate_keys + per shard (score_shard, then score_shard_stage: decide and write) + finalize."""
-    from pipeline.config import CleanConfig
-    from pipeline.run import duplicate_keys, finalize_stage, input_shards, score_shard_stage
-    from pipeline.embed import embedding_path
-    from pipeline.score import load_model, score_shard
+    from bicro_clean.pipeline.config import CleanConfig
+    from bicro_clean.pipeline.run import duplicate_keys, finalize_stage, input_shards, score_shard_stage
+    from bicro_clean.pipeline.embed import embedding_path
+    from bicro_clean.pipeline.score import load_model, score_shard
 
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
         pattern, output = make_dataset(Path(tmp), shards, shard_pairs, seed)
@@ -236,7 +236,7 @@ def profile_text(profiler: cProfile.Profile, lines: int = 25) -> str:
 
 def spawn_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one point in a fresh interpreter, so peak RSS covers that point only."""
-    done = subprocess.run([sys.executable, "-m", "pipeline.bench_score", "--point", json.dumps(spec)],
+    done = subprocess.run([sys.executable, "-m", "bicro_clean.pipeline.bench_score", "--point", json.dumps(spec)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark point {spec} failed:\n{done.stderr[-3000:]}")
@@ -253,7 +253,7 @@ def machine_info() -> dict[str, Any]:
     import faiss
     import torch
 
-    from pipeline.parquet_io import cpu_threads
+    from bicro_clean.pipeline.parquet_io import cpu_threads
 
     return {"cpu": _cpu_model(), "cpu_threads": cpu_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "faiss": faiss.__version__, "platform": platform.platform(),

@@ -111,13 +111,13 @@ def make_plan(quick: bool, tiny: bool = False, cuda: bool | None = None) -> Plan
 
 
 def default_fit_sample() -> int:
-    from pipeline.config import BiCroConfig
+    from bicro_clean.pipeline.config import BiCroConfig
 
     return BiCroConfig().fit_sample
 
 
 def peak_rss_mb() -> float:
-    from pipeline.bench_score import peak_rss_mib
+    from bicro_clean.pipeline.bench_score import peak_rss_mib
 
     return round(peak_rss_mib(), 1)
 
@@ -135,8 +135,8 @@ def machine_info() -> dict[str, Any]:
 
     import torch
 
-    from pipeline.bench_score import _cpu_model
-    from pipeline.parquet_io import cpu_threads
+    from bicro_clean.pipeline.bench_score import _cpu_model
+    from bicro_clean.pipeline.parquet_io import cpu_threads
 
     info: dict[str, Any] = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "cpu_threads": cpu_threads(),
                             "python": platform.python_version(), "torch": torch.__version__,
@@ -180,8 +180,8 @@ def synthetic_jpegs(root: Path, pairs: int, size: tuple[int, int], seed: int = 0
 
 def build_shards(root: Path, pairs: int, shards: int, size: tuple[int, int], data_dir: Path | None) -> Path:
     """`shards` img2dataset-style tars of `pairs` samples (Flickr8k JPEGs when data_dir is given)."""
-    from pipeline.bench import _flickr_source
-    from pipeline.make_shards import make_shards
+    from bicro_clean.pipeline.bench import _flickr_source
+    from bicro_clean.pipeline.make_shards import make_shards
 
     src = root / "src"
     src.mkdir(parents=True)
@@ -199,10 +199,10 @@ def build_shards(root: Path, pairs: int, shards: int, size: tuple[int, int], dat
 
 def stage_decode(spec: dict[str, Any]) -> dict[str, Any]:
     """Samples/s of the embed stage's reader + decode + transform, through its DataLoader, per worker count."""
-    from models.encoders import load_encoder
-    from pipeline.config import CleanConfig
-    from pipeline.embed import _loader
-    from pipeline.shards import expand_shard_spec
+    from bicro_clean.models.encoders import load_encoder
+    from bicro_clean.pipeline.config import CleanConfig
+    from bicro_clean.pipeline.embed import _loader
+    from bicro_clean.pipeline.shards import expand_shard_spec
 
     encoder = load_encoder(spec["transform"], "cpu")
     runs = []
@@ -238,8 +238,8 @@ def embed_point(encoder_spec: str, device: str, shards_dir: str, scratch: str, b
     """The embed stage end to end on the shards (read, decode, both models, Parquet write)."""
     import shutil
 
-    from pipeline.config import CleanConfig
-    from pipeline.embed import EmbedTimings, embed_shards
+    from bicro_clean.pipeline.config import CleanConfig
+    from bicro_clean.pipeline.embed import EmbedTimings, embed_shards
 
     config = CleanConfig(input=str(Path(shards_dir) / "*.tar"), output=scratch,
                          embed={"encoder": encoder_spec, "batch_size": batch, "num_workers": workers,
@@ -262,7 +262,7 @@ def stage_embed(spec: dict[str, Any]) -> dict[str, Any]:
     """One encoder on one device: batch sweep with workers, plus a 0-worker pass for the decode share."""
     import torch
 
-    from models.encoders import load_encoder
+    from bicro_clean.models.encoders import load_encoder
 
     device, runs = spec["device"], []
     precisions = [True, False] if device == "cuda" else [False]
@@ -286,9 +286,9 @@ def stage_fit(spec: dict[str, Any]) -> dict[str, Any]:
     """Seconds of one warm-up epoch and one co-training epoch (division, anchors, labels, training) at n pairs."""
     import torch
 
-    from models.bicro import BiCroParams, _threads, run_cotraining
-    from models.cotrain import CoTrainer, NegativeBank, PairData, seeded
-    from pipeline.bench_score import synthetic_pairs
+    from bicro_clean.models.bicro import BiCroParams, _threads, run_cotraining
+    from bicro_clean.models.cotrain import CoTrainer, NegativeBank, PairData, seeded
+    from bicro_clean.pipeline.bench_score import synthetic_pairs
 
     n, device = spec["pairs"], spec["device"]
     image, text = synthetic_pairs(n, seed=3)
@@ -318,9 +318,9 @@ def _model_with_anchors(base_dir: str, anchors: int, index: str, out: Path, thre
     """Save the base model with `anchors` anchors: the consistency-space embeddings of fresh synthetic pairs."""
     import torch
 
-    from models.bicro import BiCroModel
-    from models.cotrain import embed_pairs
-    from pipeline.bench_score import synthetic_pairs
+    from bicro_clean.models.bicro import BiCroModel
+    from bicro_clean.models.cotrain import embed_pairs
+    from bicro_clean.pipeline.bench_score import synthetic_pairs
 
     model = BiCroModel.load(base_dir)
     image, text = synthetic_pairs(anchors, seed=11)
@@ -337,7 +337,7 @@ def _model_with_anchors(base_dir: str, anchors: int, index: str, out: Path, thre
 
 def stage_score_model(spec: dict[str, Any]) -> dict[str, Any]:
     """The base model (one warm-up epoch on synthetic pairs) and one checkpoint per (anchors, index)."""
-    from pipeline.bench_score import fit_model
+    from bicro_clean.pipeline.bench_score import fit_model
 
     root = Path(spec["root"])
     base = root / "base"
@@ -355,8 +355,8 @@ def stage_score_point(spec: dict[str, Any]) -> dict[str, Any]:
     """BiCroModel.score on in-memory pairs, or the per-shard path (score_shard + decide + write + finalize)."""
     import torch
 
-    from pipeline.bench_score import measure_path, synthetic_pairs
-    from pipeline.score import load_model
+    from bicro_clean.pipeline.bench_score import measure_path, synthetic_pairs
+    from bicro_clean.pipeline.score import load_model
 
     torch.set_num_threads(2 if spec["device"] == "cpu" else torch.get_num_threads())
     if spec["kind"] == "path":
@@ -389,7 +389,7 @@ def spawn(stage: str, spec: dict[str, Any], isolate: bool = True) -> dict[str, A
         result = run_stage(stage, spec)
         result["stage_wall_s"] = round(time.perf_counter() - start, 1)
         return result
-    done = subprocess.run([sys.executable, "-m", "pipeline.bench_suite", "--stage", stage, "--spec",
+    done = subprocess.run([sys.executable, "-m", "bicro_clean.pipeline.bench_suite", "--stage", stage, "--spec",
                            json.dumps(spec)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench stage {stage} {spec} failed:\n{done.stderr[-4000:]}")
@@ -540,7 +540,7 @@ def _primary(detail: dict[str, Any], plan: Plan) -> str | None:
 
 def resolved_search(kind: str, anchors: int, device: str) -> str:
     """The anchor search a bank of `anchors` distinct rows gets under `bicro.anchor_index` = kind."""
-    from models.bicro import use_ivf
+    from bicro_clean.models.bicro import use_ivf
 
     return "ivf" if use_ivf(kind, anchors, "torch" if device == "cuda" else "faiss") else "flat"
 

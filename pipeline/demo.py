@@ -8,9 +8,9 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.config import CleanConfig
-from pipeline.make_shards import make_shards
-from pipeline.run import run_pipeline
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.make_shards import make_shards
+from bicro_clean.pipeline.run import run_pipeline
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from models.encoders import Encoder, load_encoder, set_offline_env, shared_encoder
-from pipeline.config import CleanConfig, ReaderConfig
-from pipeline.parquet_io import (
+from bicro_clean.models.encoders import Encoder, load_encoder, set_offline_env, shared_encoder
+from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
+from bicro_clean.pipeline.parquet_io import (
     cpu_threads,
     digest,
     input_fingerprint,
@@ -30,7 +30,7 @@ from pipeline.parquet_io import (
     read_stage_metadata,
     write_parquet_atomic,
 )
-from pipeline.shards import IMAGE_EXTENSIONS, DecodedSample, ReadIssue, expand_shard_spec, read_shard, shard_id
+from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, DecodedSample, ReadIssue, expand_shard_spec, read_shard, shard_id
 
 logger = logging.getLogger(__name__)
 EMBED_DIR = "embeddings"

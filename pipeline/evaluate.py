@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from models.bicro import BiCroParams, _threads, clean_set, fit_bicro
-from models.cotrain import CoTrainer, NegativeBank, PairData, divide, embed_rows, seeded
-from models.losses import mean_triplet
-from models.matcher import Matcher
-from pipeline.flickr8k import cached_embeddings, load_flickr8k
-from pipeline.noise import caption_noise
+from bicro_clean.models.bicro import BiCroParams, _threads, clean_set, fit_bicro
+from bicro_clean.models.cotrain import CoTrainer, NegativeBank, PairData, divide, embed_rows, seeded
+from bicro_clean.models.losses import mean_triplet
+from bicro_clean.models.matcher import Matcher
+from bicro_clean.pipeline.flickr8k import cached_embeddings, load_flickr8k
+from bicro_clean.pipeline.noise import caption_noise
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from models.encoders import Encoder, load_encoder
+from bicro_clean.models.encoders import Encoder, load_encoder
 
 logger = logging.getLogger(__name__)
 

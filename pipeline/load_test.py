@@ -112,9 +112,9 @@ def _peak_mib(who: int) -> float:
 
 def run_once(shards: list[Path], output: Path) -> dict[str, Any]:
     """The whole data path on `shards` in this process: embed, then fit + score + write + finalize (no report)."""
-    from pipeline.config import CleanConfig
-    from pipeline.embed import embed_shards
-    from pipeline.run import run_pipeline
+    from bicro_clean.pipeline.config import CleanConfig
+    from bicro_clean.pipeline.embed import embed_shards
+    from bicro_clean.pipeline.run import run_pipeline
 
     config = CleanConfig.model_validate({
         "input": [str(p) for p in shards], "output": str(output), "bicro": BICRO, "embed": EMBED})
@@ -141,7 +141,7 @@ def measure(sizes: list[int], work: Path, shard_pairs: int = SHARD_PAIRS) -> lis
     for pairs in sorted(sizes):
         output = work / f"out-{pairs}"
         count = -(-pairs // shard_pairs)
-        command = [sys.executable, "-m", "pipeline.load_test", "--child", str(output),
+        command = [sys.executable, "-m", "bicro_clean.pipeline.load_test", "--child", str(output),
                    *[str(p) for p in shards[:count]]]
         result, lifetime_peak = _run_child(command)
         results.append({**result, "process_peak_rss_mib": lifetime_peak})

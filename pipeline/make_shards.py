@@ -23,9 +23,9 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.noise import caption_noise, noisy_count
-from pipeline.shards import IMAGE_EXTENSIONS
-from pipeline.writers import tar_info
+from bicro_clean.pipeline.noise import caption_noise, noisy_count
+from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS
+from bicro_clean.pipeline.writers import tar_info
 
 logger = logging.getLogger(__name__)
 

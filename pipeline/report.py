@@ -26,12 +26,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.config import CleanConfig
-from pipeline.embed import embedding_path
-from pipeline.parquet_io import atomic_output, join
-from pipeline.score import fixed_list_matrix, local_checkpoint
-from pipeline.shards import IMAGE_EXTENSIONS, REASONS, SAFE_IMAGE_FORMATS, RawSample, iter_shard, shard_id
-from pipeline.writers import read_json
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.embed import embedding_path
+from bicro_clean.pipeline.parquet_io import atomic_output, join
+from bicro_clean.pipeline.score import fixed_list_matrix, local_checkpoint
+from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, REASONS, SAFE_IMAGE_FORMATS, RawSample, iter_shard, shard_id
+from bicro_clean.pipeline.writers import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -284,8 +284,8 @@ def _ok_rows(path: str, columns: list[str]) -> Any:
 
 def sample_losses(model: Any, paths: list[str], sample: int, seed: int) -> list[np.ndarray]:
     """Normalised losses per network for a seeded uniform sample of ok rows, scored one file at a time."""
-    from models.diagnostics import normalised_losses
-    from pipeline.run import sample_positions
+    from bicro_clean.models.diagnostics import normalised_losses
+    from bicro_clean.pipeline.run import sample_positions
 
     counts = [_ok_rows(p, []).num_rows for p in paths]
     parts: list[list[np.ndarray]] = []
@@ -298,7 +298,7 @@ def sample_losses(model: Any, paths: list[str], sample: int, seed: int) -> list[
 
 
 def loss_view(mixture: Any, losses: np.ndarray) -> LossView:
-    from models.diagnostics import mixture_density
+    from bicro_clean.models.diagnostics import mixture_density
 
     lo, hi = min(0.0, float(losses.min())), max(1.0, float(losses.max()))
     counts, edges = np.histogram(losses, bins=HIST_BINS, range=(lo, hi))
@@ -315,7 +315,7 @@ def loss_diagnostics(config: CleanConfig, manifest: dict[str, Any]) -> LossDiagn
     paths = [p for p in (embedding_path(config.output, i["url"]) for i in manifest.get("inputs", [])) if _exists(p)]
     if checkpoint is None or not paths:
         return None
-    from models.bicro import BiCroModel
+    from bicro_clean.models.bicro import BiCroModel
 
     with local_checkpoint(checkpoint) as local:
         model = BiCroModel.load(local, device="cpu")  # CPU: the same bytes on every machine

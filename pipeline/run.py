@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import select
-from pipeline.config import CleanConfig, ReaderConfig
-from pipeline.embed import embed_shards, embedding_path
-from pipeline.parquet_io import (
+from bicro_clean.pipeline import select
+from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
+from bicro_clean.pipeline.embed import embed_shards, embedding_path
+from bicro_clean.pipeline.parquet_io import (
     atomic_output,
     digest,
     file_sha256,
@@ -44,7 +44,7 @@ from pipeline.parquet_io import (
     package_version,
     read_stage_metadata,
 )
-from pipeline.score import (
+from bicro_clean.pipeline.score import (
     CHECKPOINT_FILES,
     FLOAT_SCORES,
     checkpoint_sha256,
@@ -55,8 +55,8 @@ from pipeline.score import (
     pair_key,
     score_shard,
 )
-from pipeline.shards import RawSample, expand_shard_spec, iter_shard, shard_id
-from pipeline.writers import (
+from bicro_clean.pipeline.shards import RawSample, expand_shard_spec, iter_shard, shard_id
+from bicro_clean.pipeline.writers import (
     ShardedTarWriter,
     json_object,
     kept_rows,
@@ -190,7 +190,7 @@ def checkpoint_complete(path: str) -> bool:
 
 def fit_stage(config: CleanConfig, embedding_paths: list[str]) -> str:
     """Fit BiCro on all ok pairs (or a `bicro.fit_sample` sample); skipped when this exact fit exists."""
-    from models.bicro import BiCroParams, fit_bicro
+    from bicro_clean.models.bicro import BiCroParams, fit_bicro
 
     path = checkpoint_path(config.output, fit_hash(config, embedding_paths))
     if checkpoint_complete(path):
@@ -504,9 +504,9 @@ def check_run_config(config: CleanConfig) -> None:
 
 def write_report_if_available(config: CleanConfig, manifest_path: str) -> Any:
     """The HTML report, when pipeline.report exists (it is optional; its own import errors still surface)."""
-    if importlib.util.find_spec("pipeline.report") is None:
+    if importlib.util.find_spec("bicro_clean.pipeline.report") is None:
         return None
-    from pipeline.report import write_report
+    from bicro_clean.pipeline.report import write_report
 
     return write_report(config, manifest_path)
 

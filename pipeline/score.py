@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.embed import embedding_path
-from pipeline.parquet_io import (
+from bicro_clean.pipeline.embed import embedding_path
+from bicro_clean.pipeline.parquet_io import (
     digest,
     file_sha256,
     input_fingerprint,
@@ -34,7 +34,7 @@ from pipeline.parquet_io import (
     read_stage_metadata,
     write_parquet_atomic,
 )
-from pipeline.shards import shard_id
+from bicro_clean.pipeline.shards import shard_id
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def local_checkpoint(path: str) -> Iterator[str]:
 
 def load_model(checkpoint_path: str) -> Any:
     """The fitted BiCro model on CUDA when present, else CPU."""
-    from models.bicro import BiCroModel
+    from bicro_clean.models.bicro import BiCroModel
 
     with local_checkpoint(checkpoint_path) as local:
         return BiCroModel.load(local, device=device())

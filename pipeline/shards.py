@@ -31,7 +31,7 @@ import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
 
-from pipeline.config import ReaderConfig
+from bicro_clean.pipeline.config import ReaderConfig
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.parquet_io import atomic_output, join, write_parquet_atomic
+from bicro_clean.pipeline.parquet_io import atomic_output, join, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -99,7 +99,7 @@ def tiny_shards(tmp_path_factory) -> Path:
     """3 make_shards shards (8 images x 2 captions, 25% caption noise) + one shard with broken samples."""
     import csv
 
-    from pipeline.make_shards import make_shards
+    from bicro_clean.pipeline.make_shards import make_shards
 
     root = tmp_path_factory.mktemp("tiny-data")
     (root / "images").mkdir()

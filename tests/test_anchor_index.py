@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from models.bicro import AnchorIndex, BiCroParams, auto_nlist, fit_bicro, nearest_anchor
+from bicro_clean.models.bicro import AnchorIndex, BiCroParams, auto_nlist, fit_bicro, nearest_anchor
 
 
 def _pairs(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +74,7 @@ def test_scoring_state_built_once_and_reset_with_the_anchor_bank():
 
 
 def test_auto_search_is_exact_for_small_banks_and_ivf_above_the_threshold(monkeypatch):
-    import models.bicro as bicro
+    import bicro_clean.models.bicro as bicro
 
     bank = _unit(2000, 32, 4)
     assert AnchorIndex.build(bank, "auto").kind == "flat"  # 2,000 rows <= AUTO_IVF_MIN_ROWS
@@ -87,7 +87,7 @@ def test_auto_search_is_exact_for_small_banks_and_ivf_above_the_threshold(monkey
 def test_training_uses_the_auto_index_above_the_threshold(monkeypatch):
     """Training's consistency labels go through the same auto choice as scoring, so a large anchor bank is
     searched with IVF in every epoch (the cost per pair stays bounded: fit time linear in pairs)."""
-    import models.bicro as bicro
+    import bicro_clean.models.bicro as bicro
 
     built: list[str] = []
     original = bicro.AnchorIndex.build.__func__
@@ -105,7 +105,7 @@ def test_training_uses_the_auto_index_above_the_threshold(monkeypatch):
 
 
 def test_default_anchor_bank_is_bounded():
-    from pipeline.config import BiCroConfig
+    from bicro_clean.pipeline.config import BiCroConfig
 
     assert BiCroParams().anchor_top_k == BiCroConfig().anchor_top_k == 65_536
     assert BiCroParams().anchor_index == BiCroConfig().anchor_index == "auto"

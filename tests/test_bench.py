@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from pipeline.bench_suite import make_plan, markdown, run_suite
+from bicro_clean.pipeline.bench_suite import make_plan, markdown, run_suite
 
 
 def _positive(x: object) -> bool:
@@ -44,7 +44,7 @@ def test_tiny_bench_runs_every_stage(tmp_path):
 
 
 def test_plans_fit_the_default_sample_and_skip_1m_when_quick():
-    from pipeline.config import BiCroConfig
+    from bicro_clean.pipeline.config import BiCroConfig
 
     sample = BiCroConfig().fit_sample
     quick, full = make_plan(quick=True, cuda=False), make_plan(quick=False, cuda=False)

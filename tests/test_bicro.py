@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.bicro import (
+from bicro_clean.models.bicro import (
     BiCroModel,
     BiCroParams,
     consistency_labels,
@@ -12,8 +12,8 @@ from models.bicro import (
     soft_labels,
     top_anchor_mask,
 )
-from models.cotrain import Division
-from models.mixture import BetaMixture
+from bicro_clean.models.cotrain import Division
+from bicro_clean.models.mixture import BetaMixture
 
 
 def _t(rows):

@@ -31,9 +31,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline.config import CleanConfig, ReaderConfig
-from pipeline.run import run_pipeline
-from pipeline.shards import RawSample, iter_shard
+from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
+from bicro_clean.pipeline.run import run_pipeline
+from bicro_clean.pipeline.shards import RawSample, iter_shard
 
 logger = logging.getLogger(__name__)
 

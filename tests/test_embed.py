@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from pipeline.config import CleanConfig
-from pipeline.embed import embed_shards
-from pipeline.make_shards import make_shards
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.embed import embed_shards
+from bicro_clean.pipeline.make_shards import make_shards
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_rerun_skips_cached_shards_and_config_change_invalidates(shard_dir, tmp_
 
 
 def test_repeated_images_are_encoded_once_per_shard(shard_dir, tmp_path):
-    from models.encoders import load_encoder
+    from bicro_clean.models.encoders import load_encoder
 
     encoder = load_encoder("tiny", "cpu")
     encoded = []

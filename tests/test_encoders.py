@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.encoders import load_encoder, set_offline_env
+from bicro_clean.models.encoders import load_encoder, set_offline_env
 
 
 def _images(encoder, n=3):
@@ -67,7 +67,7 @@ def test_open_clip_local_checkpoint_loads(tmp_path):
 def test_efficientnet_lite_keeps_its_relu6_activations():
     # set_swish() once replaced every ReLU6 with Swish: features became noise (cosine ~0.3 with the true ones)
     # while shapes and norms stayed fine, so only the activation types catch it.
-    from models.encoders import _efficientnet_lite0
+    from bicro_clean.models.encoders import _efficientnet_lite0
 
     model, _, _ = _efficientnet_lite0()
     names = {type(m).__name__ for m in model.modules()}
@@ -80,7 +80,7 @@ def test_tiny_config_registration_leaves_no_temp_folder(tmp_path):
     import subprocess
     import sys
 
-    code = ("import open_clip; from models.encoders import _register_tiny_config, TINY_MODEL_NAME; "
+    code = ("import open_clip; from bicro_clean.models.encoders import _register_tiny_config, TINY_MODEL_NAME; "
             "_register_tiny_config(); assert TINY_MODEL_NAME in open_clip.list_models(); "
             "open_clip.add_model_config('/nonexistent'); assert TINY_MODEL_NAME in open_clip.list_models()")
     env = {**os.environ, "TMPDIR": str(tmp_path)}

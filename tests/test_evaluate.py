@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.losses import default_negatives
-from pipeline.evaluate import detection, ncr_predict, retrieval
+from bicro_clean.models.losses import default_negatives
+from bicro_clean.pipeline.evaluate import detection, ncr_predict, retrieval
 
 
 def test_retrieval_hand_computed():

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import CleanConfig
-from pipeline.run import run_pipeline
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.run import run_pipeline
 
 TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
 BIN = Path(sys.executable).parent
@@ -57,7 +57,7 @@ def prefect_home(tmp_path_factory):
 
 @pytest.mark.slow
 def test_flow_on_threads_matches_plain_stages(tiny_shards, tmp_path, reference, prefect_home):
-    from flows.clean_shards import run_flow
+    from bicro_clean.flows.clean_shards import run_flow
 
     config = CleanConfig.model_validate({**_params(tiny_shards, tmp_path), "runner": {"kind": "local"}})
     summary = run_flow(config)
@@ -67,7 +67,7 @@ def test_flow_on_threads_matches_plain_stages(tiny_shards, tmp_path, reference, 
 
 @pytest.mark.slow
 def test_flow_on_dask_local_cluster_matches_local(tiny_shards, tmp_path, reference, prefect_home):
-    from flows.clean_shards import run_flow
+    from bicro_clean.flows.clean_shards import run_flow
 
     config = CleanConfig.model_validate({**_params(tiny_shards, tmp_path),
                                          "runner": {"kind": "dask", "workers": 2}})

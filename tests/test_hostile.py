@@ -25,9 +25,9 @@ import pytest
 from PIL import Image
 
 from conftest import header_offsets, image_bytes, tar_bytes
-from pipeline.config import CleanConfig
-from pipeline.run import SHARD_REASONS, run_pipeline
-from pipeline.shards import split_key, unsafe_name_problem
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.run import SHARD_REASONS, run_pipeline
+from bicro_clean.pipeline.shards import split_key, unsafe_name_problem
 
 TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
 
@@ -188,7 +188,7 @@ def _tree(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def run(corpus, tmp_path_factory) -> dict:
     """The whole pipeline with the working directory and Python's temp folder inside a watched parent."""
-    from models.encoders import _register_tiny_config
+    from bicro_clean.models.encoders import _register_tiny_config
 
     _register_tiny_config()  # once per process, into the real temp folder: not this run's doing
     parent = tmp_path_factory.mktemp("hostile-run")

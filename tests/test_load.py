@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.load_test import measure
+from bicro_clean.pipeline.load_test import measure
 
 # README "Load test": measured 1,210 / 1,308 MiB (50k / 200k) over the process's life; the bound leaves room for other
 # machines' allocators and library versions, not for growth with the run's size (checked separately below).

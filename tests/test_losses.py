@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from models.losses import (
+from bicro_clean.models.losses import (
     bank_mean_hinge,
     default_negatives,
     hardest_triplet,

@@ -9,9 +9,9 @@ import tarfile
 
 import pytest
 
-from pipeline.config import ReaderConfig
-from pipeline.make_shards import SUMMARY_FILE, make_shards, sample_key
-from pipeline.shards import DecodedSample, read_shard
+from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.make_shards import SUMMARY_FILE, make_shards, sample_key
+from bicro_clean.pipeline.shards import DecodedSample, read_shard
 
 N_IMAGES, CAPTIONS_PER_IMAGE = 10, 5
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from models.mixture import BetaMixture, GaussianMixture1D, fit_mixture
+from bicro_clean.models.mixture import BetaMixture, GaussianMixture1D, fit_mixture
 
 
 def _two_betas(n: int = 40_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import tar_bytes
-from pipeline.config import ReaderConfig
-from pipeline.parquet_io import read_stage_metadata
-from pipeline.shards import DecodedSample, RawSample, iter_shard, read_shard
-from pipeline.writers import BICRO_JSON_KEY, ShardedTarWriter, sample_members, write_annotated, write_keep_keys
+from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.parquet_io import read_stage_metadata
+from bicro_clean.pipeline.shards import DecodedSample, RawSample, iter_shard, read_shard
+from bicro_clean.pipeline.writers import BICRO_JSON_KEY, ShardedTarWriter, sample_members, write_annotated, write_keep_keys
 
 # Few examples, no deadline: each example writes and reads real files, and the suite runs on 2 shared cores.
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.bicro import BiCroModel
-from models.diagnostics import mixture_density, normalised_losses
-from pipeline.config import CleanConfig
-from pipeline.make_shards import make_shards
-from pipeline.report import Rule, annotated_paths, binned_auroc, nice_ticks, scan_annotated, write_report
-from pipeline.run import run_pipeline
+from bicro_clean.models.bicro import BiCroModel
+from bicro_clean.models.diagnostics import mixture_density, normalised_losses
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.make_shards import make_shards
+from bicro_clean.pipeline.report import Rule, annotated_paths, binned_auroc, nice_ticks, scan_annotated, write_report
+from bicro_clean.pipeline.run import run_pipeline
 
 TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
 SECTIONS = ('id="counts"', 'id="reasons"', 'id="plots"', 'id="lowest"', 'id="borderline"', 'id="random_kept"')

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 import webdataset as wds
 
-from pipeline.config import CleanConfig
-from pipeline.run import run_pipeline, sample_positions
-from pipeline.score import score_embeddings
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.run import run_pipeline, sample_positions
+from bicro_clean.pipeline.score import score_embeddings
 
 TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
 OUTPUT_DIRS = ("scores", "annotated", "filtered", "shards", "results")
@@ -173,7 +173,7 @@ def test_fit_sample_is_independent_of_the_noise_injected_with_the_same_seed():
     sample held every noisy pair (and a noise-free rest of the data was scored out of sample)."""
     import numpy as np
 
-    from pipeline.noise import caption_noise
+    from bicro_clean.pipeline.noise import caption_noise
 
     n, seed = 12_000, 0  # numpy draws a permutation prefix above 10,000 rows: where the two coincided
     true_image = np.arange(n) // 5

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline import select
+from bicro_clean.pipeline import select
 
 
 def _decide(values, p_clean=None, ok=None, errors=None, cutoff=None, column="soft_label", threshold=0.5,

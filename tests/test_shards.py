@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import ReaderConfig
-from pipeline.shards import (
+from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.shards import (
     REASONS,
     DecodedSample,
     RawSample,

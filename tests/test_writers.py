@@ -8,7 +8,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.writers import ShardedTarWriter, json_with_scores, member_bytes, sample_members, write_keep_keys
+from bicro_clean.pipeline.writers import ShardedTarWriter, json_with_scores, member_bytes, sample_members, write_keep_keys
 
 
 def _samples(n=5, size=100):

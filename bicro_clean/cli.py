@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 from pydantic import ValidationError
 
-from pipeline.config import CleanConfig, load_yaml, merge_overrides
+from bicro_clean.pipeline.config import CleanConfig, load_yaml, merge_overrides
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Clean image-text datasets with BiCro.")
@@ -60,7 +60,7 @@ def make_shards_cmd(
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (quick demos)."),
 ) -> None:
     """Turn an image folder and a captions CSV into img2dataset-style WebDataset shards."""
-    from pipeline.make_shards import make_shards
+    from bicro_clean.pipeline.make_shards import make_shards
 
     if (split_file is None) != (split is None):
         typer.echo("config error: --split-file and --split go together", err=True)
@@ -100,7 +100,7 @@ def embed_cmd(
     config_file: Optional[Path] = ConfigOpt,
 ) -> None:
     """Embed every shard into OUT/embeddings/<shard>.parquet (cached per shard)."""
-    from pipeline.embed import embed_shards
+    from bicro_clean.pipeline.embed import embed_shards
 
     cfg = build_config(config_file, _embed_overrides(input, out, encoder, batch_size, workers, device))
     results = embed_shards(cfg)
@@ -154,10 +154,10 @@ def run_cmd(
 def run_with_runner(cfg: CleanConfig) -> dict[str, Any]:
     """`runner.kind == none` runs the stages directly; anything else goes through the Prefect flow."""
     if cfg.runner.kind == "none":
-        from pipeline.run import run_pipeline
+        from bicro_clean.pipeline.run import run_pipeline
 
         return run_pipeline(cfg)
-    from flows.clean_shards import run_flow
+    from bicro_clean.flows.clean_shards import run_flow
 
     return run_flow(cfg)
 
@@ -165,7 +165,7 @@ def run_with_runner(cfg: CleanConfig) -> dict[str, Any]:
 @app.command("serve")
 def serve_cmd(name: str = typer.Option("local", help="Deployment name: clean-shards/<name>.")) -> None:
     """Serve the `clean-shards/<name>` deployment from this process (needs PREFECT_API_URL of a server)."""
-    from flows.clean_shards import clean_shards
+    from bicro_clean.flows.clean_shards import clean_shards
 
     clean_shards.serve(name=name)
 
@@ -183,8 +183,8 @@ def evaluate_cmd(
     config_file: Optional[Path] = ConfigOpt,
 ) -> None:
     """Noise detection and retrieval of BiCro vs NCR vs vanilla vs oracle on Flickr8k (towers embeddings)."""
-    from models.bicro import BiCroParams
-    from pipeline.evaluate import evaluate
+    from bicro_clean.models.bicro import BiCroParams
+    from bicro_clean.pipeline.evaluate import evaluate
 
     section = load_yaml(config_file).get("bicro", {}) if config_file else {}
     params = BiCroParams.from_dict(section)
@@ -198,7 +198,7 @@ def evaluate_table_cmd(
     results: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="results.json files of `evaluate`."),
 ) -> None:
     """Print a Markdown table of several `evaluate` results (e.g. one per noise level)."""
-    from pipeline.evaluate import results_table
+    from bicro_clean.pipeline.evaluate import results_table
 
     typer.echo(results_table([json.loads(p.read_text()) for p in results]))
 
@@ -215,14 +215,14 @@ def bench_cmd(
 ) -> None:
     """Throughput, scaling and memory of every stage (decode, embed, fit, score+write) and the overhead ratio."""
     if embed_only:
-        from pipeline.bench import markdown_table, run_embed_benchmark
+        from bicro_clean.pipeline.bench import markdown_table, run_embed_benchmark
 
         result = run_embed_benchmark(pairs, data)
         out.write_text(json.dumps(result, indent=2))
         typer.echo(json.dumps(result, indent=2))
         typer.echo(markdown_table(result))
         return
-    from pipeline.bench_suite import append_to_doc, make_plan, markdown, run_suite
+    from bicro_clean.pipeline.bench_suite import append_to_doc, make_plan, markdown, run_suite
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = run_suite(make_plan(quick, tiny), data if data.exists() else None, partial=out)  # survives a kill
@@ -244,6 +244,6 @@ def demo_cmd(
     noise_rate: float = typer.Option(0.4, min=0.0, max=0.9, help="Injected caption noise."),
 ) -> None:
     """Offline end-to-end demo: Flickr8k shards with injected noise -> towers embeddings -> BiCro -> outputs."""
-    from pipeline.demo import run_demo
+    from bicro_clean.pipeline.demo import run_demo
 
     typer.echo(run_demo(data, out, images, noise_rate))

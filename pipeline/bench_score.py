@@ -121,7 +121,8 @@ def write_tar(path: Path, keys: list[str], captions: list[str], image: bytes) ->
 def write_embeddings(output: str, shard: str, keys: list[str], captions: list[str], image: np.ndarray,
                      text: np.ndarray) -> None:
     """An embeddings Parquet exactly as the embed stage writes it (pipeline.embed._embed_table + metadata)."""
-    from bicro_clean.pipeline.embed import _embed_table, embedding_path
+    from bicro_clean.pipeline.embed import _embed_table
+    from bicro_clean.pipeline.layout import embedding_path
     from bicro_clean.pipeline.parquet_io import digest, package_version, write_parquet_atomic
 
     rows = [{"key": k, "status": "ok", "reason": None, "detail": None, "caption": c, "width": 16, "height": 16,
@@ -184,7 +185,7 @@ def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> d
     """duplicate_keys + per shard (score_shard, then score_shard_stage: decide and write) + finalize."""
     from bicro_clean.pipeline.config import CleanConfig
     from bicro_clean.pipeline.run import duplicate_keys, finalize_stage, input_shards, score_shard_stage
-    from bicro_clean.pipeline.embed import embedding_path
+    from bicro_clean.pipeline.layout import embedding_path
     from bicro_clean.pipeline.score import load_model, score_shard
 
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:

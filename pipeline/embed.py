@@ -21,19 +21,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bicro_clean.models.encoders import Encoder, load_encoder, set_offline_env, shared_encoder
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
+from bicro_clean.pipeline.layout import embedding_path
 from bicro_clean.pipeline.parquet_io import (
     cpu_threads,
     digest,
     input_fingerprint,
-    join,
     package_version,
     read_stage_metadata,
     write_parquet_atomic,
 )
-from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, DecodedSample, ReadIssue, expand_shard_spec, read_shard, shard_id
+from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, DecodedSample, ReadIssue, expand_shard_spec, read_shard
 
 logger = logging.getLogger(__name__)
-EMBED_DIR = "embeddings"
 
 
 @dataclass
@@ -117,10 +116,6 @@ def _worker_init(_: int) -> None:
 def cache_key(shard: str, encoder: Encoder, config: CleanConfig) -> str:
     return digest(input_fingerprint(shard), encoder.describe(), config.reader.digest(),
                   config.embed.model_dump(exclude={"device", "num_workers", "progress", "batch_size", "threads"}))
-
-
-def embedding_path(output: str, shard: str) -> str:
-    return join(output, EMBED_DIR, f"{shard_id(shard)}.parquet")
 
 
 def _is_cached(path: str, key: str) -> bool:

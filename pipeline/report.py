@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from bicro_clean.pipeline.config import CleanConfig
-from bicro_clean.pipeline.embed import embedding_path
+from bicro_clean.pipeline.layout import REPORT, embedding_path
 from bicro_clean.pipeline.parquet_io import atomic_output, join
 from bicro_clean.pipeline.score import fixed_list_matrix, local_checkpoint
 from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, REASONS, SAFE_IMAGE_FORMATS, RawSample, iter_shard, shard_id
@@ -35,7 +35,6 @@ from bicro_clean.pipeline.writers import read_json
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
 GALLERY_SIZE = 12
 LOSS_SAMPLE = 20_000
 THUMB_PX = 128
@@ -62,7 +61,7 @@ def write_report(config: CleanConfig, manifest_path: str) -> str:
     if not isinstance(manifest, dict):
         raise FileNotFoundError(f"no readable manifest at {manifest_path}")
     page = build_report(config, manifest)
-    path = join(config.output, REPORT_FILE)
+    path = join(config.output, REPORT)
     with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as fh:
         fh.write(page.encode("utf-8"))
     logger.info("report: wrote %s (%d KB)", path, len(page) // 1024)

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from bicro_clean.pipeline import select
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
-from bicro_clean.pipeline.embed import embed_shards, embedding_path
+from bicro_clean.pipeline.embed import embed_shards
+from bicro_clean.pipeline.layout import embedding_path
 from bicro_clean.pipeline.parquet_io import (
     atomic_output,
     digest,

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bicro_clean.pipeline.embed import embedding_path
+from bicro_clean.pipeline.layout import embedding_path, scores_path
 from bicro_clean.pipeline.parquet_io import (
     digest,
     file_sha256,
@@ -38,16 +38,11 @@ from bicro_clean.pipeline.shards import shard_id
 
 logger = logging.getLogger(__name__)
 
-SCORE_DIR = "scores"
 CHECKPOINT_FILES = ("tensors.safetensors", "model.json")  # what BiCroModel.save writes; model.json last
 BATCH_ROWS = 4096
 FLOAT_SCORES = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score")
 ANCHOR_COLUMNS = {"anchor_key_i2t": "anchor_for_image", "anchor_key_t2i": "anchor_for_text"}
 BASE_COLUMNS = ("shard", "key", "status", "reason", "detail", "caption", "width", "height", "url", "uid")
-
-
-def scores_path(output: str, shard: str) -> str:
-    return join(output, SCORE_DIR, f"{shard_id(shard)}.parquet")
 
 
 def pair_key(shard: str, key: str) -> str:

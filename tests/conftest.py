@@ -94,22 +94,44 @@ def _extra_shard(path: Path) -> None:
     path.write_bytes(tar_bytes(members))
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    """3 make_shards shards (8 images x 2 captions, 25% caption noise) + one shard with broken samples."""
+# The BiCro settings every whole-run test uses: small enough for seconds on 2 cores, every stage still real.
+TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
+
+
+def tiny_config(input: str | list[str], output: str | Path, **sections: dict) -> "CleanConfig":
+    """A CleanConfig with the tiny encoder (no decode workers, no progress bar) and TINY_BICRO; `sections`
+    (e.g. select={"keep_fraction": 0.5}) are merged over those defaults section by section."""
+    from bicro_clean.pipeline.config import CleanConfig
+
+    base = {"embed": {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False}, "bicro": TINY_BICRO}
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return CleanConfig.model_validate({"input": input, "output": str(output), **base})
+
+
+def image_folder(root: Path, images: int, size: tuple[int, int], captions: Callable[[int], list[str]],
+                 ext: str = "png") -> tuple[Path, Path]:
+    """`root/images/im<i>.<ext>` (distinct colours) + `root/captions.csv`: the make-shards input layout."""
     import csv
 
-    from bicro_clean.pipeline.make_shards import make_shards
-
-    root = tmp_path_factory.mktemp("tiny-data")
-    (root / "images").mkdir()
+    (root / "images").mkdir(parents=True, exist_ok=True)
     with open(root / "captions.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "caption"])
-        for i in range(8):
-            Image.new("RGB", (16, 16), (30 * i, 255 - 30 * i, 70 * i % 256)).save(root / "images" / f"im{i}.png")
-            writer.writerow([f"im{i}.png", f"a picture number {i}"])
-            writer.writerow([f"im{i}.png", f"colour {i}"])
-    make_shards(root / "images", root / "captions.csv", root / "shards", shard_size=6, noise_rate=0.25)
+        for i in range(images):
+            name = f"im{i}.{ext}"
+            Image.new("RGB", size, (30 * i % 256, (255 - 30 * i) % 256, 70 * i % 256)).save(root / "images" / name)
+            writer.writerows([name, caption] for caption in captions(i))
+    return root / "images", root / "captions.csv"
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """3 make_shards shards (8 images x 2 captions, 25% caption noise) + one shard with broken samples."""
+    from bicro_clean.pipeline.make_shards import make_shards
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    images, captions = image_folder(root, 8, (16, 16), lambda i: [f"a picture number {i}", f"colour {i}"])
+    make_shards(images, captions, root / "shards", shard_size=6, noise_rate=0.25)
     _extra_shard(root / "shards" / "extra.tar")
     return root / "shards"

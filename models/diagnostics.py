@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bicro_clean.models.bicro import embed_pairs, normalise_losses, row_hashes
-from bicro_clean.models.cotrain import bank_losses  # defined there; models.bicro stopped re-exporting it in 94d9883
+from bicro_clean.models.cotrain import bank_losses, embed_pairs
+from bicro_clean.models.forward import row_hashes
+from bicro_clean.models.mixture import normalise_losses
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from bicro_clean.models.params import BiCroParams
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -48,50 +50,9 @@ class EmbedConfig(_Section):
     progress: bool = Field(True, description="Show a progress bar.")
 
 
-class BiCroConfig(_Section):
-    """Mirrors models.bicro.BiCroParams field for field (plus fit_sample); defaults measured in docs/bicro.md."""
+class BiCroConfig(BiCroParams, _Section):
+    """The `bicro:` section: every models.params.BiCroParams field (declared there, once) plus fit_sample."""
 
-    seed: int = 0
-    embed_dim: int = Field(512, gt=0)
-    hidden_dim: int = Field(1024, ge=0, description="Residual MLP width of each head (0 = linear heads).")
-    epochs: int = Field(8, gt=0, description="Total epochs, warm-up included.")
-    warmup_epochs: int = Field(1, ge=0)
-    batch_size: int = Field(128, gt=1)
-    lr: float = Field(2e-4, gt=0)
-    alpha: float = Field(0.2, gt=0, description="Triplet margin.")
-    soft_margin_base: float = Field(10.0, gt=1, description="m in alpha*(m^y-1)/(m-1).")
-    warmup_keep_ratio: float = Field(0.3, gt=0, le=1)
-    division: Literal["bmm", "gmm"] = "bmm"
-    clean_threshold: float = Field(0.5, ge=0, le=1, description="delta: p_clean above this is the clean set.")
-    noisy_label_threshold: float = Field(0.5, ge=0, le=1, description="tau: noisy-set labels at or below are 0.")
-    anchor_top_k: int = Field(
-        65_536, ge=0, description="Anchor bank: the K most confident clean pairs (0 = every clean pair). Bounded so "
-        "the per-pair anchor search cost, the checkpoint and the scoring indexes do not grow with the crawl."
-    )
-    top_anchors: int = Field(1024, ge=-1, description="Most confident anchors whose soft label is 1 (-1 = all).")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW decoupled weight decay.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on head inputs and the MLP hidden layer.")
-    lr_schedule: Literal["cosine", "constant", "step"] = "cosine"
-    grad_clip: float = Field(2.0, ge=0, description="Gradient-norm clip (0 = off).")
-    noisy_start: float = Field(0.5, ge=0, le=1, description="Fraction of co-training after which noisy pairs join.")
-    drop_zero_labels: bool = Field(True, description="Noisy-set pairs whose label is 0 are left out of training.")
-    center_consistency: bool = Field(True, description="Remove each space's mean before intra-modal cosines.")
-    train_consistency_floor: float = Field(
-        0.2, ge=0, le=1, description="Clean-set pairs (not top anchors) with consistency <= this are not trained on."
-    )
-    bank_size: int = Field(512, gt=1, description="Fixed negative bank for the per-pair division loss.")
-    mixture_iterations: int = Field(10, gt=0, description="EM iterations of the loss mixture.")
-    threads: int = Field(
-        2, ge=0, description="torch/faiss threads in fit and score. Fixed, not 'all cores': float sums depend on "
-        "the thread count, and outputs must be identical whichever machine or runner does the work. 0 = inherit."
-    )
-    anchor_index: Literal["auto", "flat", "ivf"] = Field(
-        "auto", description="Anchor search (consistency labels in training and scoring): flat = exact; ivf = faiss "
-        "IndexIVFFlat, approximate and much faster at 100k anchors (docs/benchmarks.md measures its agreement); "
-        "auto = exact up to 32,768 distinct anchor rows and on CUDA, IVF above."
-    )
-    ivf_nlist: int = Field(0, ge=0, description="IVF inverted lists (0 = about 2 * sqrt(distinct anchor rows)).")
-    ivf_nprobe: int = Field(8, ge=1, description="IVF lists visited per query: more = closer to exact, slower.")
     fit_sample: int = Field(
         16_384, ge=0, description="Fit on this many pairs sampled uniformly from all shards (0 = all). The fit "
         "costs the same at 100k or 100M pairs; on Flickr8k at 40% noise (30,455 pairs) soft_label AUROC was 0.966 "

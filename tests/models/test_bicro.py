@@ -2,18 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from bicro_clean.models.bicro import (
-    BiCroModel,
-    BiCroParams,
-    consistency_labels,
-    consistency_space,
-    fit_bicro,
-    labels_from_division,
-    soft_labels,
-    top_anchor_mask,
-)
+from bicro_clean.models.bicro import BiCroModel
+from bicro_clean.models.consistency import consistency_labels, consistency_space, soft_labels, top_anchor_mask
 from bicro_clean.models.cotrain import Division
 from bicro_clean.models.mixture import BetaMixture
+from bicro_clean.models.params import BiCroParams
+from bicro_clean.models.train import fit_bicro, labels_from_division
 
 
 def _t(rows):
@@ -185,7 +179,7 @@ def test_seed_determinism(fitted):
     image, text, keys, _, out = fitted
     _, again = fit_bicro(image, text, PARAMS, keys=keys)
     assert _same(again, out)
-    _, other = fit_bicro(image, text, BiCroParams(**{**PARAMS.__dict__, "seed": 1}), keys=keys)
+    _, other = fit_bicro(image, text, BiCroParams(**{**PARAMS.model_dump(), "seed": 1}), keys=keys)
     assert not np.array_equal(other["match_score"], out["match_score"])
 
 

@@ -3,12 +3,12 @@ the scoring state is built once per model and dropped when the anchor bank chang
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
-from bicro_clean.models.bicro import AnchorIndex, BiCroParams, auto_nlist, fit_bicro, nearest_anchor
+from bicro_clean.models.anchors import AnchorIndex, auto_nlist, nearest_anchor
+from bicro_clean.models.params import BiCroParams
+from bicro_clean.models.train import fit_bicro
 
 
 def _pairs(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +61,7 @@ def test_ivf_scores_do_not_depend_on_batch_composition():
 
 def test_scoring_state_built_once_and_reset_with_the_anchor_bank():
     image, text = _pairs(seed=1)
-    model, _ = fit_bicro(image, text, dataclasses.replace(PARAMS, anchor_index="flat"))
+    model, _ = fit_bicro(image, text, PARAMS.model_copy(update={"anchor_index": "flat"}))
     state = model.scoring_state()
     model.score(image[:5], text[:5])
     assert model.scoring_state() is state
@@ -74,11 +74,11 @@ def test_scoring_state_built_once_and_reset_with_the_anchor_bank():
 
 
 def test_auto_search_is_exact_for_small_banks_and_ivf_above_the_threshold(monkeypatch):
-    import bicro_clean.models.bicro as bicro
+    import bicro_clean.models.anchors as anchors
 
     bank = _unit(2000, 32, 4)
     assert AnchorIndex.build(bank, "auto").kind == "flat"  # 2,000 rows <= AUTO_IVF_MIN_ROWS
-    monkeypatch.setattr(bicro, "AUTO_IVF_MIN_ROWS", 1000)
+    monkeypatch.setattr(anchors, "AUTO_IVF_MIN_ROWS", 1000)
     assert AnchorIndex.build(bank, "auto").kind == "ivf"
     assert AnchorIndex.build(bank, "auto", exact="torch").kind == "flat"  # exact torch search on a GPU
     assert AnchorIndex.build(bank, "flat").kind == "flat"
@@ -87,20 +87,20 @@ def test_auto_search_is_exact_for_small_banks_and_ivf_above_the_threshold(monkey
 def test_training_uses_the_auto_index_above_the_threshold(monkeypatch):
     """Training's consistency labels go through the same auto choice as scoring, so a large anchor bank is
     searched with IVF in every epoch (the cost per pair stays bounded: fit time linear in pairs)."""
-    import bicro_clean.models.bicro as bicro
+    import bicro_clean.models.anchors as anchors
 
     built: list[str] = []
-    original = bicro.AnchorIndex.build.__func__
+    original = anchors.AnchorIndex.build.__func__
 
     def spy(cls, bank, kind="flat", *args, **kwargs):
         index = original(cls, bank, kind, *args, **kwargs)
         built.append(index.kind)
         return index
 
-    monkeypatch.setattr(bicro, "AUTO_IVF_MIN_ROWS", 150)
-    monkeypatch.setattr(bicro.AnchorIndex, "build", classmethod(spy))
+    monkeypatch.setattr(anchors, "AUTO_IVF_MIN_ROWS", 150)
+    monkeypatch.setattr(anchors.AnchorIndex, "build", classmethod(spy))
     image, text = _pairs(seed=2)
-    fit_bicro(image, text, dataclasses.replace(PARAMS, anchor_index="auto"))
+    fit_bicro(image, text, PARAMS.model_copy(update={"anchor_index": "auto"}))
     assert "ivf" in built  # banks of > 150 distinct rows (the clean set of 400 pairs) in training
 
 

@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bicro_clean.models.encoders import Encoder, load_encoder, set_offline_env, shared_encoder
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
+from bicro_clean.pipeline import resume
 from bicro_clean.pipeline.layout import embedding_path
 from bicro_clean.pipeline.parquet_io import (
     cpu_threads,
-    digest,
     input_fingerprint,
     package_version,
     read_stage_metadata,
@@ -113,14 +113,9 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def cache_key(shard: str, encoder: Encoder, config: CleanConfig) -> str:
-    return digest(input_fingerprint(shard), encoder.describe(), config.reader.digest(),
-                  config.embed.model_dump(exclude={"device", "num_workers", "progress", "batch_size", "threads"}))
-
-
-def _is_cached(path: str, key: str) -> bool:
-    meta = read_stage_metadata(path)
-    return meta is not None and meta.get("cache_key") == key
+def embed_key(shard: str, encoder: Encoder, config: CleanConfig) -> str:
+    return resume.stage_key(input_fingerprint(shard), encoder.describe(), config.reader.digest(),
+                            config.embed.model_dump(exclude=resume.RUNTIME_ONLY))
 
 
 def _embed_table(rows: list[dict[str, Any]], image_emb: np.ndarray, text_emb: np.ndarray, shard: str,
@@ -200,7 +195,7 @@ def _write_shard(acc: _ShardAccumulator, shard: str, path: str, key: str, encode
     text = np.concatenate(acc.text) if acc.text else np.zeros((0, dims[1]), np.float32)
     table = _embed_table(acc.rows, image, text, shard, dims)
     reasons = _reason_counts(acc.rows)
-    meta = {"stage": "embed", "cache_key": key, "encoder": encoder.describe(), "shard": shard,
+    meta = {"stage": "embed", resume.KEY: key, "encoder": encoder.describe(), "shard": shard,
             "config_hash": config.embed.digest(), "reader_hash": config.reader.digest(),
             "package_version": package_version(), "samples": len(acc.rows), "errors": sum(reasons.values())}
     write_parquet_atomic(table, path, meta)
@@ -240,15 +235,18 @@ def _prepare_process(config: CleanConfig) -> None:
 
 
 def embed_shards(config: CleanConfig, encoder: Encoder | None = None,
-                 timings: EmbedTimings | None = None) -> list[ShardResult]:
-    """Embed every shard of `config.input` into `config.output/embeddings/`, skipping cached shards."""
+                 timings: EmbedTimings | None = None, shards: list[str] | None = None) -> list[ShardResult]:
+    """Embed `shards` (default: every shard of `config.input`) into `config.output/embeddings/`, streaming them
+    through one loader whose decode workers share the shards; cached shards are skipped."""
     _prepare_process(config)
     encoder = encoder or load_encoder(config.embed.encoder, config.embed.device, config.embed.autocast)
     timings = timings or EmbedTimings()
     results, todo = [], []
-    for shard in expand_shard_spec(config.input, allow_pipe=config.reader.allow_pipe):
-        path, key = embedding_path(config.output, shard), cache_key(shard, encoder, config)
-        if _is_cached(path, key):
+    if shards is None:
+        shards = list(expand_shard_spec(config.input, allow_pipe=config.reader.allow_pipe))
+    for shard in shards:
+        path, key = embedding_path(config.output, shard), embed_key(shard, encoder, config)
+        if resume.parquet_is_current(path, key):
             results.append(_cached_result(shard, path))
         else:
             todo.append((shard, path, key))
@@ -283,11 +281,9 @@ def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: Clea
     return results
 
 
-def embed_one_shard(shard: str, config: CleanConfig, encoder: Encoder | None = None) -> ShardResult:
-    """Embed a single shard (the unit a distributed task runner maps over); cached like embed_shards."""
-    _prepare_process(config)
-    encoder = encoder or shared_encoder(config.embed.encoder, config.embed.device, config.embed.autocast)
-    path, key = embedding_path(config.output, shard), cache_key(shard, encoder, config)
-    if _is_cached(path, key):
-        return _cached_result(shard, path)
-    return _embed_todo([(shard, path, key)], encoder, config, EmbedTimings())[0]
+def embed_stage(shards: list[str], config: CleanConfig) -> list[str]:
+    """The embed stage of a run: a batch of shards (all of them in one process, or one per distributed task)
+    -> their embedding files, in the order given. The encoder is loaded once per process."""
+    encoder = shared_encoder(config.embed.encoder, config.embed.device, config.embed.autocast)
+    embed_shards(config, encoder, shards=shards)
+    return [embedding_path(config.output, shard) for shard in shards]

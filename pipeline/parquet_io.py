@@ -61,6 +61,12 @@ def write_parquet_atomic(table: pa.Table, path: str, meta: dict[str, Any]) -> No
             pq.write_table(table, fh, compression="zstd")
 
 
+def read_columns(path: str, columns: list[str] | None) -> pa.Table:
+    """Some columns (None: all) of a Parquet file, local or fsspec URL."""
+    with fsspec.open(path, "rb") as fh:
+        return pq.read_table(fh, columns=columns)
+
+
 def read_stage_metadata(path: str) -> dict[str, Any] | None:
     """The bicro-clean metadata of a Parquet file, or None when it is missing or unreadable."""
     try:

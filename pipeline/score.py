@@ -24,9 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from bicro_clean.pipeline import resume
+from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.layout import embedding_path, scores_path
 from bicro_clean.pipeline.parquet_io import (
-    digest,
     file_sha256,
     input_fingerprint,
     join,
@@ -164,8 +165,14 @@ def encoder_info(embedding_path: str) -> dict[str, Any]:
     return meta
 
 
-def score_cache_key(embedding_meta: dict[str, Any], checkpoint_sha: str) -> str:
-    return digest(embedding_meta.get("cache_key"), checkpoint_sha, package_version())
+def score_key(embedding_meta: dict[str, Any], checkpoint_sha: str) -> str:
+    return resume.stage_key(embedding_meta.get(resume.KEY), checkpoint_sha, package_version())
+
+
+@functools.lru_cache(maxsize=2)
+def shared_model(checkpoint_path: str) -> Any:
+    """One loaded model per process and checkpoint, whichever runner maps the shards over it."""
+    return load_model(checkpoint_path)
 
 
 def score_shard(shard: str, output: str, checkpoint_path: str, model: Any | None = None,
@@ -174,14 +181,19 @@ def score_shard(shard: str, output: str, checkpoint_path: str, model: Any | None
     source, target = embedding_path(output, shard), scores_path(output, shard)
     meta = encoder_info(source)
     checkpoint_sha = checkpoint_sha or checkpoint_sha256(checkpoint_path)
-    key = score_cache_key(meta, checkpoint_sha)
-    if (read_stage_metadata(target) or {}).get("cache_key") == key:
+    key = score_key(meta, checkpoint_sha)
+    if resume.parquet_is_current(target, key):
         logger.debug("score: %s cached", shard)
         return target
-    model = model if model is not None else load_model(checkpoint_path)
+    model = model if model is not None else shared_model(checkpoint_path)
     table = score_embeddings(model, source, bool(meta["encoder"].get("aligned")))
-    write_parquet_atomic(table, target, {"stage": "score", "cache_key": key, "shard": shard,
+    write_parquet_atomic(table, target, {"stage": "score", resume.KEY: key, "shard": shard,
                                          "encoder": meta["encoder"], "checkpoint_sha256": checkpoint_sha,
-                                         "embedding_cache_key": meta.get("cache_key"),
+                                         "embedding_cache_key": meta.get(resume.KEY),
                                          "package_version": package_version()})
     return target
+
+
+def score_stage(shard: str, config: CleanConfig, checkpoint_path: str) -> str:
+    """The score stage of a run: one shard's scores file from its embeddings and the run's checkpoint."""
+    return score_shard(shard, config.output, checkpoint_path)

@@ -9,6 +9,10 @@ Two rules, both from the SelectConfig:
   deterministically (`decide`).
 
 Every row gets a decision (keep / drop / error) and a reason code: nothing disappears without a row.
+
+The policy above is pure (arrays in, arrays out). The select stage at the end of this file feeds it: one
+run-wide pass over the score files (the keep-fraction cutoff, keys repeated across shards) and one shard's
+decisions from its scores table.
 """
 
 from __future__ import annotations
@@ -16,9 +20,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.parquet_io import read_columns
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +171,76 @@ def drop_details(reason: np.ndarray, values: np.ndarray, p_clean: np.ndarray, *,
         elif code == low_reason(column):
             out[i] = f"{column}={float(values[i]):.4g} < threshold={threshold:g}"
     return out
+
+
+# ---------------------------------------------------------------- the select stage
+
+
+@dataclass(frozen=True)
+class RunWide:
+    """The two run-wide values every shard's write needs, computed once before any shard is written."""
+
+    cutoff: Cutoff | None  # keep_fraction runs only
+    duplicates: frozenset[str]  # ok keys present in more than one shard (renamed in the cleaned shards)
+
+
+def check_select(config: CleanConfig, encoder: dict[str, Any] | None = None) -> None:
+    """Fail before the work it would spoil: an unknown column, or encoder_cosine from an unaligned encoder."""
+    check_column(config.select.column)
+    if encoder is not None and config.select.column == "encoder_cosine" and not encoder.get("aligned"):
+        raise ValueError("select.column=encoder_cosine needs an aligned encoder (open_clip); "
+                         f"{encoder.get('spec')} is not aligned")
+
+
+def duplicate_keys(embedding_paths: Iterable[str]) -> frozenset[str]:
+    """Keys of ok rows that occur in more than one shard (within a shard the reader already rejects repeats)."""
+    parts = []
+    for path in embedding_paths:
+        table = read_columns(path, ["key", "status"])
+        parts.append(pc.unique(table.filter(pc.equal(table["status"], "ok"))["key"].combine_chunks()))
+    if not parts:
+        return frozenset()
+    counts = pc.value_counts(pa.chunked_array(parts, type=pa.string()).combine_chunks())
+    return frozenset(c["values"].as_py() for c in counts if c["counts"].as_py() > 1)
+
+
+def _score_column(path: str, column: str) -> np.ndarray:
+    # float32 as stored (4 bytes a row for the whole run); nulls (error rows) become NaN
+    return read_columns(path, [column])[column].to_numpy().astype(np.float32)
+
+
+def _tied(path: str, column: str, value: float) -> list[tuple[str, str]]:
+    table = read_columns(path, ["shard", "key", column])
+    hit = table[column].to_numpy().astype(np.float32) == value
+    return list(zip(np.asarray(table["shard"].to_pylist())[hit], np.asarray(table["key"].to_pylist())[hit]))
+
+
+def global_cutoff(score_paths: list[str], column: str, fraction: float) -> Cutoff:
+    """The keep-fraction cutoff over every shard: one pass for the values, one for the rows tied at the cut."""
+    values = np.concatenate([_score_column(p, column) for p in score_paths]) if score_paths \
+        else np.zeros(0, np.float32)
+    cut = cut_value(values, fraction)
+    ties = [] if cut is None else [t for p in score_paths for t in _tied(p, column, cut)]
+    return cutoff_from_columns(values, ties, fraction)
+
+
+def run_wide_values(config: CleanConfig, embedding_paths: list[str], score_paths: list[str]) -> RunWide:
+    cutoff = None
+    if config.select.keep_fraction is not None:
+        cutoff = global_cutoff(score_paths, config.select.column, config.select.keep_fraction)
+    return RunWide(cutoff, duplicate_keys(embedding_paths))
+
+
+def shard_decisions(config: CleanConfig, table: pa.Table, cutoff: Cutoff | None) -> dict[str, Any]:
+    """ok flag, decision, reason and detail for every row of one shard's scores table."""
+    column = config.select.column
+    ok = np.asarray(table["status"].to_pylist(), dtype=object) == "ok"
+    values, p_clean = (table[c].to_numpy().astype(np.float64) for c in (column, "p_clean"))
+    shards, keys = np.asarray(table["shard"].to_pylist()), np.asarray(table["key"].to_pylist())
+    rule = dict(column=column, threshold=config.select.threshold, clean_threshold=config.bicro.clean_threshold,
+                cutoff=cutoff)
+    decision, reason = decide(ok, np.asarray(table["reason"].to_pylist(), dtype=object), values, p_clean,
+                              shards, keys, **rule)
+    detail = drop_details(reason, values, p_clean, **rule)
+    detail = [d if good else reader for d, good, reader in zip(detail, ok, table["detail"].to_pylist())]
+    return {"ok": ok, "decision": decision, "reason": reason, "detail": detail}

@@ -96,6 +96,7 @@ def _extra_shard(path: Path) -> None:
 
 # The BiCro settings every whole-run test uses: small enough for seconds on 2 cores, every stage still real.
 TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
+TINY_EMBED = {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False}
 
 
 def tiny_config(input: str | list[str], output: str | Path, **sections: dict) -> "CleanConfig":
@@ -103,7 +104,7 @@ def tiny_config(input: str | list[str], output: str | Path, **sections: dict) ->
     (e.g. select={"keep_fraction": 0.5}) are merged over those defaults section by section."""
     from bicro_clean.pipeline.config import CleanConfig
 
-    base = {"embed": {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False}, "bicro": TINY_BICRO}
+    base = {"embed": TINY_EMBED, "bicro": TINY_BICRO}
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return CleanConfig.model_validate({"input": input, "output": str(output), **base})

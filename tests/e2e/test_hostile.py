@@ -24,12 +24,11 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from conftest import header_offsets, image_bytes, tar_bytes
-from bicro_clean.pipeline.config import CleanConfig
-from bicro_clean.pipeline.run import SHARD_REASONS, run_pipeline
+from conftest import header_offsets, image_bytes, tar_bytes, tiny_config
+from bicro_clean.pipeline.run import run_pipeline
+from bicro_clean.pipeline.write import SHARD_REASONS
 from bicro_clean.pipeline.shards import split_key, unsafe_name_problem
 
-TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
 
 
 # ---------------------------------------------------------------- hostile bytes
@@ -195,10 +194,8 @@ def run(corpus, tmp_path_factory) -> dict:
     out, scratch = parent / "out", parent / "scratch"
     scratch.mkdir()
     inputs_before = _tree(corpus["root"])
-    config = CleanConfig.model_validate({
-        "input": [str(corpus["root"] / "*.tar"), str(corpus["root"] / "*.tar.gz")], "output": str(out),
-        "embed": {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False},
-        "bicro": TINY_BICRO, "select": {"threshold": -1.0}})
+    config = tiny_config([str(corpus["root"] / "*.tar"), str(corpus["root"] / "*.tar.gz")], out,
+                         select={"threshold": -1.0})
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(parent)  # a stray relative write would land next to out/
         patch.setattr(tempfile, "tempdir", str(scratch))  # and scratch files must be cleaned up

@@ -31,7 +31,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
+from conftest import tiny_config
+from bicro_clean.pipeline.config import ReaderConfig
 from bicro_clean.pipeline.run import run_pipeline
 from bicro_clean.pipeline.shards import RawSample, iter_shard
 
@@ -51,7 +52,6 @@ NETWORK_ERRORS = re.compile(r"Failed to establish a new connection|Network is un
                             r"resolution|Could not fetch URL|ConnectTimeoutError|ReadTimeoutError|"
                             r"ProxyError")
 
-TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
 
 # Runs inside the downstream venv. argv: JSON {"urls": [...], "samples": N}. Prints one JSON line.
 DOWNSTREAM_SCRIPT = r'''
@@ -212,10 +212,7 @@ def downstream_python() -> Path:
 @pytest.fixture(scope="module")
 def cleaned(tiny_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("downstream-out")
-    config = CleanConfig.model_validate({
-        "input": str(tiny_shards / "*.tar"), "output": str(out),
-        "embed": {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False},
-        "bicro": TINY_BICRO, "select": {"keep_fraction": 0.5}, "out": {"maxcount": 2}})
+    config = tiny_config(str(tiny_shards / "*.tar"), out, select={"keep_fraction": 0.5}, out={"maxcount": 2})
     run_pipeline(config)
     return out
 

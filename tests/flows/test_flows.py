@@ -14,17 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_BICRO, TINY_EMBED
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.run import run_pipeline
 
-TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
 BIN = Path(sys.executable).parent
 
 
 def _params(shards: Path, out: Path) -> dict:
     return {"input": str(shards / "*.tar"), "output": str(out),
-            "embed": {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False},
-            "bicro": TINY_BICRO, "out": {"maxcount": 3}}
+            "embed": TINY_EMBED, "bicro": TINY_BICRO, "out": {"maxcount": 3}}
 
 
 def _hashes(root: Path) -> dict[str, str]:

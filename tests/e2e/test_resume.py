@@ -33,8 +33,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from conftest import TINY_BICRO, TINY_EMBED
+
 BIN = Path(sys.executable).parent
-TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
 TMP_PREFIX = ".tmp-"  # pipeline.parquet_io.atomic_output names its temp files so
 STAGES = ("embed", "fit", "score", "write", "finalize")
 STAGE_OF_DIR = {"embeddings": "embed", "checkpoint": "fit", "scores": "score", "annotated": "write",
@@ -52,8 +53,7 @@ FINAL_GLOBS = ("embeddings/*.parquet", "scores/*.parquet", "annotated/*.parquet"
 
 def _write_config(tmp: Path, shards: Path, out: Path, runner: str) -> Path:
     config = {"input": str(shards / "*.tar"), "output": str(out),
-              "embed": {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False},
-              "bicro": TINY_BICRO, "out": {"maxcount": 3}, "runner": {"kind": runner}}
+              "embed": TINY_EMBED, "bicro": TINY_BICRO, "out": {"maxcount": 3}, "runner": {"kind": runner}}
     path = tmp / f"{out.name}-{runner}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

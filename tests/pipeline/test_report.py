@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
@@ -13,14 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import image_folder, tiny_config
 from bicro_clean.models.bicro import BiCroModel
 from bicro_clean.models.diagnostics import mixture_density, normalised_losses
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.make_shards import make_shards
-from bicro_clean.pipeline.report import Rule, annotated_paths, binned_auroc, nice_ticks, scan_annotated, write_report
+from bicro_clean.pipeline.report import write_report
+from bicro_clean.pipeline.report.scan import Rule, annotated_paths, binned_auroc, scan_annotated
+from bicro_clean.pipeline.report.svg import nice_ticks
 from bicro_clean.pipeline.run import run_pipeline
 
-TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
 SECTIONS = ('id="counts"', 'id="reasons"', 'id="plots"', 'id="lowest"', 'id="borderline"', 'id="random_kept"')
 
 
@@ -28,21 +29,11 @@ SECTIONS = ('id="counts"', 'id="reasons"', 'id="plots"', 'id="lowest"', 'id="bor
 def run(tmp_path_factory) -> Path:
     """8 coloured images x 2 captions with 25% caption noise, cleaned with the tiny encoder (as test_run does)."""
     root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    with open(root / "captions.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "caption"])
-        for i in range(8):
-            Image.new("RGB", (40, 30), (30 * i, 255 - 30 * i, 70 * i % 256)).save(root / "images" / f"im{i}.png")
-            writer.writerow([f"im{i}.png", f"a picture number {i}"])
-            writer.writerow([f"im{i}.png", f"colour {i} <b>&"])  # markup in captions must be escaped
-    make_shards(root / "images", root / "captions.csv", root / "shards", shard_size=6, noise_rate=0.25)
+    # The second caption carries markup, which the report must escape.
+    images, captions = image_folder(root, 8, (40, 30), lambda i: [f"a picture number {i}", f"colour {i} <b>&"])
+    make_shards(images, captions, root / "shards", shard_size=6, noise_rate=0.25)
     out = tmp_path_factory.mktemp("out")
-    config = CleanConfig.model_validate({
-        "input": str(root / "shards" / "*.tar"), "output": str(out),
-        "embed": {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False},
-        "bicro": TINY_BICRO, "select": {"keep_fraction": 0.5}})
-    summary = run_pipeline(config)
+    summary = run_pipeline(tiny_config(str(root / "shards" / "*.tar"), out, select={"keep_fraction": 0.5}))
     assert summary["report"] == str(out / "report.html")
     return out
 

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pytest
 import webdataset as wds
 
-from bicro_clean.pipeline.config import CleanConfig
-from bicro_clean.pipeline.run import run_pipeline, sample_positions
+from conftest import tiny_config
+from bicro_clean.pipeline.fit import sample_positions
+from bicro_clean.pipeline.run import run_pipeline
 from bicro_clean.pipeline.score import score_embeddings
 
-TINY_BICRO = {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}
 OUTPUT_DIRS = ("scores", "annotated", "filtered", "shards", "results")
 
 
@@ -25,12 +25,10 @@ def shard_dir(tiny_shards):
 
 
 def _config(shard_dir, output, **sections):
-    base = {"input": str(shard_dir / "*.tar"), "output": str(output),
-            "embed": {"encoder": "tiny", "num_workers": 0, "batch_size": 8, "progress": False},
-            "bicro": TINY_BICRO, "select": {"keep_fraction": 0.5}, "out": {"maxcount": 2}}
+    base = {"select": {"keep_fraction": 0.5}, "out": {"maxcount": 2}}
     for name, values in sections.items():
-        base[name] = {**base[name], **values}
-    return CleanConfig.model_validate(base)
+        base[name] = {**base.get(name, {}), **values}
+    return tiny_config(str(shard_dir / "*.tar"), output, **base)
 
 
 def _hashes(root):

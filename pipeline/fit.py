@@ -1,0 +1,107 @@
+"""Fit stage: the run's embedding Parquet files -> a fitted BiCro checkpoint folder.
+
+BiCro is fitted on every ok pair or on a seeded uniform sample of `bicro.fit_sample` pairs across all shards, so
+the fit costs the same at 100k or 100M pairs; every pair is scored afterwards either way (pipeline.score).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bicro_clean.pipeline import resume
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.layout import checkpoint_path
+from bicro_clean.pipeline.parquet_io import atomic_output, digest, join, package_version, read_columns
+from bicro_clean.pipeline.score import CHECKPOINT_FILES, device, encoder_info, fixed_list_matrix, pair_key
+
+logger = logging.getLogger(__name__)
+
+FIT_SAMPLE_STREAM = 0x5A3B1E  # any constant no other seeded draw uses
+
+
+def fit_key(config: CleanConfig, embedding_paths: list[str]) -> str:
+    keys = [encoder_info(p).get(resume.KEY) for p in embedding_paths]
+    return resume.stage_key(keys, config.bicro.model_dump(mode="json"), package_version())
+
+
+def _ok_count(path: str) -> int:
+    return int(pc.sum(pc.equal(read_columns(path, ["status"])["status"], "ok")).as_py() or 0)
+
+
+def sample_positions(counts: list[int], sample: int, seed: int) -> list[np.ndarray]:
+    """Per file, the positions among its ok rows to fit on: all, or a seeded uniform sample over the run."""
+    total = sum(counts)
+    if sample == 0 or sample >= total:
+        return [np.arange(c) for c in counts]
+    # A stream of its own: with default_rng(seed) the sample was the first `sample` of the same permutation that
+    # pipeline.noise draws with that seed, so a benchmark's fit sample held every injected noisy pair.
+    chosen = np.sort(np.random.default_rng((seed, FIT_SAMPLE_STREAM)).choice(total, size=sample, replace=False))
+    bounds = np.cumsum([0, *counts])
+    return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _file_pairs(path: str, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    table = read_columns(path, ["shard", "key", "status", "image_emb", "text_emb"])
+    ok = table.filter(pc.equal(table["status"], "ok")).take(pa.array(positions, type=pa.int64()))
+    keys = [pair_key(s, k) for s, k in zip(ok["shard"].to_pylist(), ok["key"].to_pylist())]
+    return fixed_list_matrix(ok["image_emb"]), fixed_list_matrix(ok["text_emb"]), keys
+
+
+def load_fit_pairs(embedding_paths: list[str], sample: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Image/text embeddings and run-wide keys of the ok pairs BiCro is fitted on, in file then row order."""
+    counts = [_ok_count(p) for p in embedding_paths]
+    parts = [_file_pairs(p, pos) for p, pos in zip(embedding_paths, sample_positions(counts, sample, seed))]
+    if not parts or sum(len(k) for _, _, k in parts) < 2:
+        raise ValueError("fewer than 2 usable pairs to fit BiCro on (every sample failed to read?)")
+    image = np.concatenate([p[0] for p in parts]).astype(np.float32)
+    text = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    return image, text, [k for p in parts for k in p[2]]
+
+
+def run_encoder(embedding_paths: list[str]) -> dict[str, Any]:
+    """The encoder every embedding file was made with; mixing encoders in one run is an error."""
+    encoders = {digest(encoder_info(p)["encoder"]): encoder_info(p)["encoder"] for p in embedding_paths}
+    if len(encoders) != 1:
+        raise ValueError(f"embedding files come from {len(encoders)} different encoders; re-embed with one")
+    return next(iter(encoders.values()))
+
+
+def save_checkpoint(model: Any, path: str) -> None:
+    """`model.save` into local scratch, then copy file by file, each atomically, model.json last.
+
+    The folder name carries the fit key and `model.json` marks it complete, so a crash mid-copy leaves a folder
+    that `resume.folder_is_complete` rejects and the next run refits into.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        model.save(scratch)
+        for name in CHECKPOINT_FILES:
+            with atomic_output(join(path, name)) as tmp, fsspec.open(tmp, "wb") as dst, \
+                    open(os.path.join(scratch, name), "rb") as src:
+                shutil.copyfileobj(src, dst)
+
+
+def fit_stage(config: CleanConfig, embedding_paths: list[str]) -> str:
+    """Fit BiCro on all ok pairs (or a `bicro.fit_sample` sample); skipped when this exact fit exists."""
+    from bicro_clean.models.params import BiCroParams
+    from bicro_clean.models.train import fit_bicro
+
+    path = checkpoint_path(config.output, fit_key(config, embedding_paths))
+    if resume.folder_is_complete(path, CHECKPOINT_FILES):
+        logger.info("fit: reusing %s", path)
+        return path
+    image, text, keys = load_fit_pairs(embedding_paths, config.bicro.fit_sample, config.bicro.seed)
+    params = BiCroParams(**config.bicro.model_dump(exclude={"fit_sample"}))
+    aligned = bool(run_encoder(embedding_paths).get("aligned"))
+    logger.info("fit: %d pairs on %s (aligned encoder: %s)", len(keys), device(), aligned)
+    model, _ = fit_bicro(image, text, params, keys=keys, aligned=aligned, device=device())
+    save_checkpoint(model, path)
+    return path

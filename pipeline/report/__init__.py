@@ -1,0 +1,60 @@
+"""A self-contained HTML report of one cleaning run: `OUTPUT/report.html`.
+
+Everything is inlined (CSS, SVG plots, thumbnails as base64 JPEG data URIs), so the file can be mailed around or
+opened offline. The bytes depend only on the run's outputs: no timestamps, seeded sampling, sorted iteration and
+fixed number formatting, so rerunning a cached run rewrites the same file.
+
+Memory stays bounded by one shard: histograms and gallery picks are aggregated per annotated file, the loss
+sample is scored per embeddings file, and thumbnails are cut while streaming only the shards that hold them.
+
+    scan         the selection rule as applied; histograms and gallery picks over the annotated files
+    diagnostics  the fitted loss mixtures over a seeded loss sample (needs the run's checkpoint)
+    thumbnails   gallery and anchor images cut from the input shards
+    svg          a small deterministic SVG plotting library
+    plots        the report's plots, drawn with it
+    page         the HTML page, styled by report.css
+
+The report reads the manifest, the output layout and the stage modules, never pipeline.run (which calls it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import fsspec
+
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.layout import REPORT
+from bicro_clean.pipeline.parquet_io import atomic_output, join
+from bicro_clean.pipeline.report.diagnostics import loss_diagnostics
+from bicro_clean.pipeline.report.page import render_page
+from bicro_clean.pipeline.report.scan import Rule, annotated_paths, scan_annotated
+from bicro_clean.pipeline.report.thumbnails import fetch_thumbnails, shard_urls
+from bicro_clean.pipeline.writers import read_json
+
+__all__ = ["build_report", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+
+def write_report(config: CleanConfig, manifest_path: str) -> str:
+    """Write `OUTPUT/report.html` atomically from the run's manifest and outputs; returns its path."""
+    manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise FileNotFoundError(f"no readable manifest at {manifest_path}")
+    page = build_report(config, manifest)
+    path = join(config.output, REPORT)
+    with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as fh:
+        fh.write(page.encode("utf-8"))
+    logger.info("report: wrote %s (%d KB)", path, len(page) // 1024)
+    return path
+
+
+def build_report(config: CleanConfig, manifest: dict[str, Any]) -> str:
+    """The whole HTML page as a string."""
+    rule = Rule.from_run(config, manifest)
+    stats, picks = scan_annotated(annotated_paths(config, manifest), rule, config.bicro.seed)
+    losses = loss_diagnostics(config, manifest)
+    thumbs = fetch_thumbnails(shard_urls(manifest, picks), config)
+    return render_page(config, manifest, rule, stats, picks, losses, thumbs)

@@ -1,0 +1,92 @@
+"""Thumbnails of the gallery rows and their nearest anchors, cut while streaming only the shards that hold them,
+as base64 JPEG data URIs; and the manifest lookups that resolve anchor keys to those shards.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, SAFE_IMAGE_FORMATS, RawSample, iter_shard, shard_id
+
+logger = logging.getLogger(__name__)
+
+THUMB_PX = 128
+
+
+def shards_by_id(manifest: dict[str, Any]) -> dict[str, str]:
+    """shard_id -> input URL, to resolve anchor keys (`<shard_id>/<key>`) to the shard holding the anchor."""
+    return {shard_id(i["url"]): i["url"] for i in manifest.get("inputs", [])}
+
+
+def split_pair_key(pair: str) -> tuple[str, str]:
+    """`<shard_id>/<key>` (pipeline.score.pair_key) -> (shard_id, key); shard ids never contain '/'."""
+    sid, _, key = pair.partition("/")
+    return sid, key
+
+
+@dataclass(frozen=True)
+class Thumb:
+    """One image as the galleries show it, with the caption stored next to it in the shard."""
+
+    uri: str | None  # data URI, None when the image cannot be shown
+    caption: str
+
+
+def shard_urls(manifest: dict[str, Any], picks: dict[str, list[dict[str, Any]]]) -> dict[str, set[str]]:
+    """Shard URL -> keys to fetch: every gallery row and its two nearest anchors."""
+    by_id = shards_by_id(manifest)
+    wanted: dict[str, set[str]] = {}
+    for row in (r for rows in picks.values() for r in rows):
+        wanted.setdefault(row["shard"], set()).add(row["key"])
+        for anchor in (row.get("anchor_key_i2t"), row.get("anchor_key_t2i")):
+            sid, key = split_pair_key(anchor) if anchor else (None, None)
+            if sid in by_id:
+                wanted.setdefault(by_id[sid], set()).add(key)
+    return wanted
+
+
+def thumbnail_uri(data: bytes, max_pixels: int, size: int = THUMB_PX) -> str | None:
+    """A small JPEG re-encode for the report only (the cleaned shards keep the original bytes)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=SAFE_IMAGE_FORMATS) as image:
+            if image.width * image.height > max_pixels:
+                return None
+            image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at reduced scale, far less memory
+            small = image.convert("RGB")
+            small.thumbnail((size, size), Image.Resampling.LANCZOS)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        logger.debug("report: no thumbnail: %s", error)
+        return None
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def sample_thumb(sample: RawSample, max_pixels: int) -> Thumb:
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
+    uri = thumbnail_uri(sample.members[ext], max_pixels) if ext else None
+    caption = sample.members.get("txt", b"").decode("utf-8", errors="replace").strip()
+    return Thumb(uri, caption)
+
+
+def fetch_thumbnails(wanted: dict[str, set[str]], config: CleanConfig) -> dict[tuple[str, str], Thumb]:
+    """Stream each needed shard once, stopping as soon as its wanted keys are found."""
+    found: dict[tuple[str, str], Thumb] = {}
+    for url in sorted(wanted):
+        missing = set(wanted[url])
+        for item in iter_shard(url, config.reader):
+            if isinstance(item, RawSample) and item.key in missing:
+                found[(url, item.key)] = sample_thumb(item, config.reader.max_image_pixels)
+                missing.discard(item.key)
+            if not missing:
+                break
+        if missing:
+            logger.warning("report: %d samples not found in %s", len(missing), url)
+    return found

@@ -1,0 +1,232 @@
+"""Write stage, per input shard: scores + decisions -> annotated/filtered Parquet and cleaned tars.
+
+The input shard is streamed once: kept samples are copied member for member into the cleaned shards (their JSON
+gains a "bicro" object with the scores), every sample gets its row in annotated/, and the result (counts, how
+far reading got, every output with its SHA-256) is written last as the shard's completion marker. A shard's
+write depends only on its own scores plus the run-wide values (`select.RunWide`), so shards can be written as
+independent tasks on different machines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from bicro_clean.pipeline import resume, select
+from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
+from bicro_clean.pipeline.layout import (
+    SHARDS_DIR,
+    annotated_path,
+    embedding_path,
+    filtered_path,
+    relative,
+    result_path,
+    scores_path,
+)
+from bicro_clean.pipeline.parquet_io import file_sha256, input_fingerprint, join, package_version, read_columns
+from bicro_clean.pipeline.parquet_io import read_stage_metadata
+from bicro_clean.pipeline.score import FLOAT_SCORES
+from bicro_clean.pipeline.shards import RawSample, iter_shard, shard_id
+from bicro_clean.pipeline.writers import (
+    ShardedTarWriter,
+    json_object,
+    kept_rows,
+    sample_members,
+    write_annotated,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+# Reader reasons that mean the shard itself broke (pipeline.shards.REASONS).
+SHARD_REASONS = ("shard_truncated", "shard_corrupt", "shard_unreadable")
+JSON_SCORES = (*FLOAT_SCORES, "anchor_key_i2t", "anchor_key_t2i", "encoder_cosine")
+
+
+def output_keys(keys: list[str], ok: np.ndarray, sid: str, duplicates: frozenset[str]) -> list[str]:
+    """The key each sample gets in the cleaned shards: its own, or `<shard_id>_<key>` if another shard has it."""
+    prefix = sid.replace(".", "_")  # a dot would end the WebDataset key early
+    return [f"{prefix}_{k}" if good and k in duplicates else k for k, good in zip(keys, ok)]
+
+
+def bicro_json(scores: dict[str, list], row: int, key: str, new_key: str) -> dict[str, Any]:
+    """What a kept sample's JSON gets under "bicro": its scores (nulls left out) and, if renamed, its old key."""
+    out = {c: scores[c][row] for c in JSON_SCORES if scores[c][row] is not None}
+    if new_key != key:
+        out["original_key"] = key
+    return out
+
+
+def _truth_clean(sample: RawSample) -> bool | None:
+    """Ground truth from benchmark shards (make-shards --noise-rate), passed through for evaluation."""
+    value = json_object(sample.members.get("json")).get("truth_clean")
+    return value if isinstance(value, bool) else None
+
+
+def copy_kept(shard: str, reader: ReaderConfig, table: pa.Table, plan: dict[str, Any],
+              writer: ShardedTarWriter) -> None:
+    """Stream the input shard once: copy kept samples into `writer`, note every sample, collect truth_clean.
+
+    The embeddings (and so `table`) have exactly one row per reader item in reader order, so rows align by
+    position; the key check catches an input shard that changed since it was embedded.
+    """
+    keys, decision, reason = table["key"].to_pylist(), plan["decision"], plan["reason"]
+    scores = {c: table[c].to_pylist() for c in JSON_SCORES}
+    row = -1
+    for row, item in enumerate(iter_shard(shard, reader)):
+        raw = isinstance(item, RawSample)
+        if row >= len(keys) or item.key != keys[row] or (decision[row] == select.KEEP and not raw):
+            raise RuntimeError(f"{shard}: item {row} ({item.key!r}) does not match its embeddings; re-embed")
+        if raw:
+            plan["truth_clean"][row] = _truth_clean(item)
+        if decision[row] == select.KEEP:
+            new_key = plan["output_key"][row]
+            members = sample_members(item.key, item.members, item.names, new_key,
+                                     bicro_json(scores, row, item.key, new_key))
+            renamed = {"shard": shard, "key": item.key, "output_key": new_key} if new_key != item.key else None
+            plan["output_shard"][row] = writer.add(members, renamed)
+        writer.note(reason[row])
+    if row + 1 != len(keys):
+        raise RuntimeError(f"{shard}: read {row + 1} items but embedded {len(keys)}; re-embed")
+
+
+def annotated_table(table: pa.Table, plan: dict[str, Any], embeddings: pa.Table | None) -> pa.Table:
+    """Scores table + decisions, in the documented column order (embeddings only when asked for)."""
+    columns: dict[str, pa.Array] = {"shard": table["shard"], "key": table["key"],
+                                    "output_key": pa.array(plan["output_key"], pa.string()),
+                                    "output_shard": pa.array(plan["output_shard"], pa.string()),
+                                    "decision": pa.array(list(plan["decision"]), pa.string()),
+                                    "reason": pa.array(list(plan["reason"]), pa.string()),
+                                    "detail": pa.array(plan["detail"], pa.string())}
+    for name in ("caption", "width", "height", "url", "uid", *FLOAT_SCORES, "anchor_key_i2t", "anchor_key_t2i",
+                 "encoder_cosine"):
+        columns[name] = table[name]
+    columns["truth_clean"] = pa.array(plan["truth_clean"], pa.bool_())
+    if embeddings is not None:
+        columns.update(image_emb=embeddings["image_emb"], text_emb=embeddings["text_emb"])
+    return pa.table(columns)
+
+
+def write_key(config: CleanConfig, scores_meta: dict[str, Any], cutoff: select.Cutoff | None,
+              renamed: list[tuple[str, str]]) -> str:
+    return resume.stage_key(scores_meta.get(resume.KEY), resume.config_hash(config),
+                            cutoff.as_dict() if cutoff else None, renamed, package_version())
+
+
+def _remove_stale_tars(config: CleanConfig, sid: str, keep: set[str]) -> None:
+    """Tars of an earlier run of this shard that produced more of them (the name pattern is this shard's only)."""
+    fs, _, (base,) = fsspec.get_fs_token_paths(join(config.output, SHARDS_DIR))
+    for pattern in (f"{sid}-[0-9][0-9][0-9][0-9][0-9].tar", f"{sid}-[0-9][0-9][0-9][0-9][0-9]_stats.json"):
+        for path in fs.glob(f"{base}/{pattern}"):
+            if path.rsplit("/", 1)[-1] not in keep:
+                logger.info("removing stale %s", path)
+                fs.rm(path)
+
+
+def output_entry(config: CleanConfig, path: str, kind: str, count: int | None) -> dict[str, Any]:
+    return {"path": relative(config.output, path), "kind": kind, "count": count, "sha256": file_sha256(path)}
+
+
+def _counts(plan: dict[str, Any]) -> dict[str, Any]:
+    decisions = Counter(plan["decision"])
+    return {"in": len(plan["decision"]), "kept": decisions[select.KEEP], "dropped": decisions[select.DROP],
+            "errors": decisions[select.ERROR], "by_reason": dict(sorted(Counter(plan["reason"]).items()))}
+
+
+def reading_report(table: pa.Table) -> dict[str, Any]:
+    """How far the reader got through one input shard, from its rows (one per member group, in shard order).
+
+    `samples_read`: member groups read to the end (usable or not); `samples_lost`: groups cut off by shard
+    damage; `damage`: the shard-level row (empty key), or None when the shard was read to its end marker.
+    Rows reconcile: samples_read + samples_lost + (1 if damage else 0) == counts.in. Samples beyond the damage
+    are never reached, so their number is unknown; the detail says at which byte reading stopped.
+    """
+    keys, reasons, details = (table[c].to_pylist() for c in ("key", "reason", "detail"))
+    lost = sum(1 for key, reason in zip(keys, reasons) if key and reason in SHARD_REASONS)
+    damage = next(({"reason": reason, "detail": detail} for key, reason, detail in zip(keys, reasons, details)
+                   if not key and reason in SHARD_REASONS), None)
+    return {"samples_read": sum(1 for key in keys if key) - lost, "samples_lost": lost, "damage": damage}
+
+
+def _metadata(config: CleanConfig, shard: str, scores_meta: dict[str, Any], key: str) -> dict[str, Any]:
+    # The annotated Parquet records the write key under its historical names ("annotate", "stage_hash"): the
+    # files are a published format, and renaming would change every output's bytes. Resume reads the marker.
+    return {"stage": "annotate", "shard": shard, "stage_hash": key, "config_hash": resume.config_hash(config),
+            "encoder": scores_meta.get("encoder"), "checkpoint_sha256": scores_meta.get("checkpoint_sha256"),
+            "package_version": package_version(), "select": config.select.model_dump(mode="json")}
+
+
+def _write_outputs(config: CleanConfig, shard: str, sid: str, table: pa.Table, plan: dict[str, Any],
+                   meta: dict[str, Any]) -> list[dict[str, Any]]:
+    writer = ShardedTarWriter(join(config.output, SHARDS_DIR), sid, config.out.maxcount, config.out.maxsize)
+    try:
+        copy_kept(shard, config.reader, table, plan, writer)
+        tars = writer.close(shard)
+    except BaseException:
+        writer.abort()
+        raise
+    _remove_stale_tars(config, sid, {f"{t.name}{s}" for t in tars for s in (".tar", "_stats.json")})
+    embeddings = read_columns(embedding_path(config.output, shard), ["image_emb", "text_emb"]) \
+        if config.out.keep_embeddings else None
+    annotated = annotated_table(table, plan, embeddings)
+    paths = [annotated_path(config.output, sid), filtered_path(config.output, sid)]
+    write_annotated(annotated, *paths, meta)
+    outputs = [output_entry(config, paths[0], "annotated", annotated.num_rows),
+               output_entry(config, paths[1], "filtered", kept_rows(annotated).num_rows)]
+    for tar in tars:
+        outputs.append(output_entry(config, tar.path, "tar", tar.successes))
+        outputs.append(output_entry(config, tar.path[:-len(".tar")] + "_stats.json", "stats", tar.count))
+    return outputs
+
+
+def _fingerprint(url: str) -> str | None:
+    try:
+        return input_fingerprint(url)
+    except (OSError, ValueError):  # pipe: URLs and unreachable inputs have no cheap identity
+        return None
+
+
+def _shard_result(config: CleanConfig, shard: str, scores_meta: dict[str, Any], key: str, plan: dict[str, Any],
+                  cutoff: select.Cutoff | None, keys: list[str]) -> dict[str, Any]:
+    outputs = _write_outputs(config, shard, shard_id(shard), plan["table"], plan,
+                             _metadata(config, shard, scores_meta, key))
+    renamed = [{"shard": shard, "key": k, "output_key": n} for k, n, d in
+               zip(keys, plan["output_key"], plan["decision"]) if k != n and d == select.KEEP]
+    return {"shard": shard, "shard_id": shard_id(shard), resume.KEY: key, "fingerprint": _fingerprint(shard),
+            "checkpoint_sha256": scores_meta.get("checkpoint_sha256"),
+            "cutoff": cutoff.as_dict() if cutoff else None, "counts": _counts(plan),
+            "reading": reading_report(plan["table"]), "outputs": outputs, "renamed_keys": renamed}
+
+
+def summary(result: dict[str, Any], cached: bool) -> dict[str, Any]:
+    """What a write hands back to the sequence (the whole result stays in its marker file for finalize)."""
+    return {"shard": result["shard"], "shard_id": result["shard_id"], "counts": result["counts"], "cached": cached}
+
+
+def write_stage(shard: str, config: CleanConfig, run_wide: select.RunWide) -> dict[str, Any]:
+    """Decide and write one input shard from its scores file (the score stage has written it).
+
+    Skipped (cached=True) when its completion marker records the same key and its outputs are intact.
+    """
+    sid = shard_id(shard)
+    scores = scores_path(config.output, shard)
+    table = read_columns(scores, None)
+    scores_meta = read_stage_metadata(scores) or {}
+    keys = table["key"].to_pylist()
+    new_keys = output_keys(keys, np.asarray(table["status"].to_pylist(), dtype=object) == "ok", sid,
+                           run_wide.duplicates)
+    key = write_key(config, scores_meta, run_wide.cutoff, [(k, n) for k, n in zip(keys, new_keys) if k != n])
+    marker = result_path(config.output, sid)
+    done = resume.completed_result(marker, key, config.output, "annotated")
+    if done is not None:
+        return summary(done, cached=True)
+    plan = {**select.shard_decisions(config, table, run_wide.cutoff), "table": table, "output_key": new_keys,
+            "truth_clean": [None] * table.num_rows, "output_shard": [None] * table.num_rows}
+    result = _shard_result(config, shard, scores_meta, key, plan, run_wide.cutoff, keys)
+    write_json_atomic(marker, result)
+    return summary(result, cached=False)

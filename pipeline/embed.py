@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bicro_clean.models.encoders import Encoder, load_encoder, set_offline_env, shared_encoder
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
+from bicro_clean.pipeline.decode import read_shard
 from bicro_clean.pipeline import resume
 from bicro_clean.pipeline.layout import embedding_path
 from bicro_clean.pipeline.parquet_io import (
@@ -30,7 +31,7 @@ from bicro_clean.pipeline.parquet_io import (
     read_stage_metadata,
     write_parquet_atomic,
 )
-from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, DecodedSample, ReadIssue, expand_shard_spec, read_shard
+from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, DecodedSample, ReadIssue, expand_shard_spec
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from bicro_clean.pipeline.layout import (
 from bicro_clean.pipeline.parquet_io import file_sha256, input_fingerprint, join, package_version, read_columns
 from bicro_clean.pipeline.parquet_io import read_stage_metadata
 from bicro_clean.pipeline.score import FLOAT_SCORES
-from bicro_clean.pipeline.shards import RawSample, iter_shard, shard_id
+from bicro_clean.pipeline.shards import RawSample, shard_id
+from bicro_clean.pipeline.tar_reader import iter_shard
 from bicro_clean.pipeline.writers import (
     ShardedTarWriter,
     json_object,

@@ -6,10 +6,13 @@ import gzip
 import io
 import tarfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:
+    from bicro_clean.pipeline.config import CleanConfig
 
 # A member is (name, bytes) for a regular file, or a ready TarInfo (directory, symlink, device...) without data.
 Member = Union[tuple[str, bytes], tarfile.TarInfo]

@@ -13,7 +13,8 @@ from typing import Any
 from PIL import Image
 
 from bicro_clean.pipeline.config import CleanConfig
-from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, SAFE_IMAGE_FORMATS, RawSample, iter_shard, shard_id
+from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, SAFE_IMAGE_FORMATS, RawSample, shard_id
+from bicro_clean.pipeline.tar_reader import iter_shard
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ import pytest
 from conftest import tiny_config
 from bicro_clean.pipeline.config import ReaderConfig
 from bicro_clean.pipeline.run import run_pipeline
-from bicro_clean.pipeline.shards import RawSample, iter_shard
+from bicro_clean.pipeline.shards import RawSample
+from bicro_clean.pipeline.tar_reader import iter_shard
 
 logger = logging.getLogger(__name__)
 

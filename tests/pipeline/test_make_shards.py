@@ -10,8 +10,9 @@ import tarfile
 import pytest
 
 from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.decode import read_shard
 from bicro_clean.pipeline.make_shards import SUMMARY_FILE, make_shards, sample_key
-from bicro_clean.pipeline.shards import DecodedSample, read_shard
+from bicro_clean.pipeline.shards import DecodedSample
 
 N_IMAGES, CAPTIONS_PER_IMAGE = 10, 5
 

@@ -18,8 +18,10 @@ from PIL import Image
 
 from conftest import tar_bytes
 from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.decode import read_shard
 from bicro_clean.pipeline.parquet_io import read_stage_metadata
-from bicro_clean.pipeline.shards import DecodedSample, RawSample, iter_shard, read_shard
+from bicro_clean.pipeline.shards import DecodedSample, RawSample
+from bicro_clean.pipeline.tar_reader import iter_shard
 from bicro_clean.pipeline.writers import BICRO_JSON_KEY, ShardedTarWriter, sample_members, write_annotated, write_keep_keys
 
 # Few examples, no deadline: each example writes and reads real files, and the suite runs on 2 shared cores.

@@ -13,19 +13,18 @@ import pytest
 from PIL import Image
 
 from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.decode import decode_sample, read_shard
 from bicro_clean.pipeline.shards import (
     REASONS,
     DecodedSample,
     RawSample,
     ReadIssue,
     UnsafeInputError,
-    decode_sample,
     expand_shard_spec,
-    iter_shard,
-    read_shard,
     shard_id,
     split_key,
 )
+from bicro_clean.pipeline.tar_reader import iter_shard
 
 CONFIG = ReaderConfig()
 

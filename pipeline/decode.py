@@ -1,0 +1,145 @@
+"""Decoding of raw member groups: the caption (UTF-8, size-bounded), the ``.json`` metadata (a strict JSON
+object) and the image (safe decoders only, bounded in pixels from its header, converted to RGB).
+
+Every `RawSample` from `bicro_clean.pipeline.tar_reader` becomes a `DecodedSample` or a `ReadIssue` with a reason
+code from `REASONS`: nothing is dropped silently. The cheap checks (caption, metadata) run before the image is
+decoded, so an unusable sample never costs an image decode.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.shards import (
+    CAPTION_EXTENSION,
+    IMAGE_EXTENSIONS,
+    META_EXTENSION,
+    SAFE_IMAGE_FORMATS,
+    DecodedSample,
+    RawSample,
+    ReadIssue,
+    describe_error,
+)
+from bicro_clean.pipeline.tar_reader import iter_shard
+
+
+def _issue(raw: RawSample, reason: str, detail: str) -> ReadIssue:
+    return ReadIssue(raw.shard, raw.key, reason, detail)
+
+
+def _decode_caption(raw: RawSample, config: ReaderConfig) -> str | ReadIssue:
+    data = raw.members.get(CAPTION_EXTENSION)
+    if data is None:
+        return _issue(raw, "missing_caption", f"members: {sorted(raw.names.values())}")
+    if len(data) > config.max_caption_bytes:  # checked on bytes, before decoding a possibly huge string
+        return _issue(raw, "caption_too_long", f"{len(data)} bytes > max_caption_bytes={config.max_caption_bytes}")
+    try:
+        text = data.decode("utf-8-sig")  # a BOM is an encoding marker, not caption text
+    except UnicodeDecodeError as error:
+        return _issue(raw, "caption_not_utf8", str(error))
+    text = text.strip()
+    return text if text else _issue(raw, "empty_caption", f"{len(data)} bytes of whitespace")
+
+
+def _reject_constant(name: str) -> float:
+    # Python's json accepts NaN/Infinity, which are not JSON: a kept sample's JSON could not be written back
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):  # 1e999 parses to inf: the same problem as Infinity
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _decode_meta(raw: RawSample) -> dict | ReadIssue:
+    data = raw.members.get(META_EXTENSION)
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as error:  # RecursionError: absurdly nested arrays
+        return _issue(raw, "invalid_json", describe_error(error)[:300])
+    if not isinstance(meta, dict):
+        return _issue(raw, "invalid_json", f"top level is {type(meta).__name__}, not an object")
+    return meta
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grey ('I;16', 'I') scaled to 8 bits; PIL's own convert would clip everything above 255 to white."""
+    values = np.asarray(image, dtype=np.float64) / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    # transparent web images are drawn on white pages; dropping alpha instead would often give black
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    image.load()  # animated GIF/WebP: the first frame
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        image = _to_8bit(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        return _flatten(image)
+    return image.convert("RGB")
+
+
+def _decode_image(raw: RawSample, extension: str, config: ReaderConfig) -> tuple[Image.Image, int, int] | ReadIssue:
+    # PIL's own bomb bound follows the config, so raising reader.max_image_pixels for a trusted source really
+    # raises it (PIL would otherwise refuse > 2 x 89M pixels whatever the config says). One run, one config.
+    Image.MAX_IMAGE_PIXELS = config.max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            # our own bound decides below; PIL's warning fires at the same bound
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw.members[extension]), formats=SAFE_IMAGE_FORMATS) as image:
+                width, height = image.size  # header only: no pixel is decoded before this check
+                if width * height > config.max_image_pixels:
+                    detail = f"header says {width}x{height} > max_image_pixels={config.max_image_pixels}"
+                    return _issue(raw, "image_too_large", detail)
+                return _to_rgb(image), width, height
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return _issue(raw, "image_too_large", describe_error(error))
+    except Exception as error:  # untrusted bytes: PIL raises OSError, SyntaxError, ValueError, struct.error...
+        return _issue(raw, "decode_error", f"{raw.names[extension]!r}: {describe_error(error)}"[:500])
+
+
+def _dotted_key_hint(raw: RawSample) -> str:
+    # "v1.2.jpg" is key "v1" with extension "2.jpg" (the WebDataset rule every loader applies), so the image
+    # is there but under an extension no loader reads as an image: say so instead of a bare missing_image
+    if any("." in ext and ext.rpartition(".")[2] in IMAGE_EXTENSIONS for ext in raw.members):
+        return "; the file name has a dot after the key, so the key ends at the first dot of the file name"
+    return ""
+
+
+def decode_sample(raw: RawSample, config: ReaderConfig) -> DecodedSample | ReadIssue:
+    """Check caption and metadata first (cheap), then decode the image to RGB."""
+    extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw.members), None)
+    if extension is None:
+        return _issue(raw, "missing_image", f"members: {sorted(raw.names.values())}{_dotted_key_hint(raw)}")
+    caption = _decode_caption(raw, config)
+    meta = _decode_meta(raw)
+    for result in (caption, meta):
+        if isinstance(result, ReadIssue):
+            return result
+    decoded = _decode_image(raw, extension, config)
+    if isinstance(decoded, ReadIssue):
+        return decoded
+    image, width, height = decoded
+    return DecodedSample(raw.shard, raw.key, image, width, height, caption, meta, raw)
+
+
+def read_shard(url: str, config: ReaderConfig) -> Iterator[DecodedSample | ReadIssue]:
+    """`iter_shard` + `decode_sample`: one DecodedSample or ReadIssue per member group, in shard order."""
+    for item in iter_shard(url, config):
+        yield decode_sample(item, config) if isinstance(item, RawSample) else item

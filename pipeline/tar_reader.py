@@ -1,0 +1,294 @@
+"""Streaming tar reader: one shard in, one `RawSample` or `ReadIssue` per member group out, in shard order.
+
+Shards are streamed (`tarfile` pipe mode over an fsspec file, or the stdout of an allowed `pipe:` command), one
+member at a time: memory stays bounded by one sample, whatever the shard size. Member bytes are not decoded here
+(that is `bicro_clean.pipeline.decode`), so cleaned shards can copy them byte-for-byte.
+
+Members are untrusted: non-files and unsafe names become issues, never paths. Shard-level damage (a cut download,
+a corrupt header or compressed stream, data after the end marker) ends that shard with one issue that says how far
+reading got, so the caller can go on with the next shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import tarfile
+from dataclasses import dataclass, field
+from typing import IO, Generator, Iterator
+
+import fsspec
+
+from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.shards import (
+    RawSample,
+    ReadIssue,
+    check_pipe_allowed,
+    describe_error,
+    printable,
+    split_key,
+    unsafe_name_problem,
+)
+
+logger = logging.getLogger(__name__)
+
+_TRUNCATION_ERRORS = (EOFError, tarfile.TruncatedHeaderError, tarfile.EmptyHeaderError)
+_STOP_ATTR = "_bicro_header_error"
+_CHUNK = 1 << 16
+
+
+# ------------------------------------------------------------------------------------------------ member checks
+
+
+def _member_kind(info: tarfile.TarInfo) -> str:
+    kinds = [(info.isdir, "directory"), (info.issym, "symbolic link"), (info.islnk, "hard link"),
+             (info.ischr, "character device"), (info.isblk, "block device"), (info.isfifo, "FIFO")]
+    return next((kind for test, kind in kinds if test()), f"member of tar type {info.type!r}")
+
+
+def _member_issue(shard: str, info: tarfile.TarInfo) -> ReadIssue | None:
+    key = printable(split_key(info.name)[0] or info.name)  # "" is reserved for shard-level issues
+    # non-files first: the "." entry of `tar -C dir .` is a directory, not an attack
+    if not info.isreg():
+        return ReadIssue(shard, key, "non_file_member", f"{info.name!r} is a {_member_kind(info)}")
+    problem = unsafe_name_problem(info.name)
+    if problem:
+        return ReadIssue(shard, key, "unsafe_member_name", f"{info.name!r}: {problem}")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ tar streaming
+
+
+class _WatchedTarInfo(tarfile.TarInfo):
+    """A TarInfo that remembers why reading headers stopped.
+
+    After the first member, tarfile treats a damaged or cut header as the end of the archive: without this, a
+    corrupt shard would look complete and every sample after the damage would vanish silently.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as error:
+            setattr(tar, _STOP_ATTR, error)
+            raise
+
+
+@dataclass
+class _Group:
+    key: str
+    duplicate: bool  # the key was already emitted earlier in this shard
+    members: dict[str, bytes] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    pending: str = ""  # member whose header was read but whose bytes are not in yet
+
+
+class _Grouper:
+    """Turns consecutive same-key members into samples and remembers emitted keys to catch duplicates."""
+
+    def __init__(self, shard: str) -> None:
+        self.shard = shard
+        self.group: _Group | None = None
+        self.seen: set[str] = set()
+        self.emitted = 0
+
+    def begin(self, name: str) -> list[RawSample | ReadIssue]:
+        """A member header was read: close the previous group when the key changes."""
+        key = split_key(name)[0]
+        done = self.flush() if self.group is not None and self.group.key != key else []
+        if self.group is None:
+            self.group = _Group(key, duplicate=key in self.seen)
+        self.group.pending = name
+        return done
+
+    def add(self, name: str, data: bytes) -> list[ReadIssue]:
+        group = self.group
+        extension = split_key(name)[1]
+        group.pending = ""
+        if extension in group.members:
+            first = group.names[extension]
+            detail = f"member {name!r} repeats {first!r}; first kept"
+            return [ReadIssue(self.shard, group.key, "duplicate_key", detail)]
+        group.members[extension] = data
+        group.names[extension] = name
+        return []
+
+    def flush(self) -> list[RawSample | ReadIssue]:
+        group, self.group = self.group, None
+        if group is None:
+            return []
+        self.emitted += 1
+        if group.duplicate:
+            names = sorted(group.names.values())
+            return [ReadIssue(self.shard, group.key, "duplicate_key", f"key seen earlier in the shard; {names} skipped")]
+        self.seen.add(group.key)
+        return [RawSample(self.shard, group.key, group.members, group.names)]
+
+    def broken(self, error: BaseException, offset: int) -> list[ReadIssue]:
+        """The shard broke: record the group in progress, then one shard-level issue; reading stops."""
+        issues = []
+        if self.group is not None:
+            read = sorted(self.group.names.values())
+            cut = f", cut while reading {self.group.pending!r}" if self.group.pending else ""
+            detail = f"sample in progress when the shard broke (members read: {read}{cut})"
+            issues.append(ReadIssue(self.shard, self.group.key, "shard_truncated", detail))
+            self.group = None
+        detail = f"{describe_error(error)} near byte {offset}; {self.emitted} samples read before the break"
+        issues.append(ReadIssue(self.shard, "", _classify(error), detail))
+        logger.warning("%s: %s", self.shard, issues[-1].detail)
+        return issues
+
+
+def _classify(error: BaseException) -> str:
+    if isinstance(error, (FileNotFoundError, PermissionError)):  # lazy backends (http) fail at the first read
+        return "shard_unreadable"
+    # tarfile re-raises header errors as ReadError "from None"; the original is still the exception's context
+    causes = (error, error.__context__)
+    if any(isinstance(cause, _TRUNCATION_ERRORS) for cause in causes) or "unexpected end of data" in str(error):
+        return "shard_truncated"
+    return "shard_corrupt"
+
+
+def _check_end_marker(tar: tarfile.TarFile) -> None:
+    """Raise the header error that tarfile swallowed when iteration ended on anything but an end marker."""
+    error = getattr(tar, _STOP_ATTR, None)
+    if error is not None and not isinstance(error, tarfile.EOFHeaderError):
+        raise error
+
+
+def _trailing_data(tar: tarfile.TarFile) -> bool:
+    while chunk := tar.fileobj.read(_CHUNK):
+        if chunk.strip(b"\0"):
+            return True
+    return False
+
+
+def _check_trailing_data(grouper: _Grouper, tar: tarfile.TarFile) -> Iterator[ReadIssue]:
+    """Non-zero bytes after the end marker (concatenated tars) would otherwise be skipped silently.
+
+    Reading to the end of the stream also makes a gzip layer verify its checksum."""
+    try:
+        if _trailing_data(tar):
+            raise tarfile.ReadError("non-zero data after the end-of-archive marker (concatenated tars?)")
+    except Exception as error:
+        yield from grouper.broken(error, tar.offset)
+
+
+def _next_header(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
+    info = tar.next()
+    if info is None:
+        _check_end_marker(tar)
+    tar.members = []  # pipe mode would otherwise keep every TarInfo of the shard; we never look back
+    return info
+
+
+class _MemberIssues:
+    """Member-level issues of consecutive members with one key and reason become one row: "../x.jpg" and
+    "../x.txt" are one unusable sample, not two."""
+
+    def __init__(self) -> None:
+        self.pending: ReadIssue | None = None
+        self.extra = 0  # members merged into `pending` after its first
+
+    def add(self, issue: ReadIssue) -> list[ReadIssue]:
+        held = self.pending
+        if held is not None and (held.key, held.reason) == (issue.key, issue.reason):
+            self.extra += 1
+            return []
+        done = self.flush()
+        self.pending = issue
+        return done
+
+    def flush(self) -> list[ReadIssue]:
+        held, extra, self.pending, self.extra = self.pending, self.extra, None, 0
+        if held is None:
+            return []
+        more = f" (+{extra} more members of this key)" if extra else ""
+        return [ReadIssue(held.shard, held.key, held.reason, held.detail + more)]
+
+
+def _iter_members(grouper: _Grouper, tar: tarfile.TarFile) -> Generator[RawSample | ReadIssue, None, bool]:
+    """Yield samples and issues; return True when the archive ended on a real end marker."""
+    # Any exception while pulling bytes ends only this shard: the input is untrusted and remote backends raise
+    # their own exception types. The try blocks wrap tarfile calls only, never our own logic or the yields.
+    member_issues = _MemberIssues()
+    while True:
+        try:
+            info = _next_header(tar)
+        except Exception as error:
+            yield from member_issues.flush()
+            yield from grouper.broken(error, tar.offset)
+            return False
+        if info is None:
+            break
+        issue = _member_issue(grouper.shard, info)
+        if issue is not None:
+            yield from member_issues.add(issue)
+            continue
+        yield from member_issues.flush()
+        yield from grouper.begin(info.name)
+        try:
+            data = tar.extractfile(info).read()
+        except Exception as error:
+            yield from grouper.broken(error, info.offset_data)
+            return False
+        yield from grouper.add(info.name, data)
+    yield from member_issues.flush()
+    yield from grouper.flush()  # a real end marker was read: the last group is complete
+    return True
+
+
+def _iter_stream(shard: str, stream: IO[bytes]) -> Iterator[RawSample | ReadIssue]:
+    grouper = _Grouper(shard)
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo, encoding="utf-8")
+    except Exception as error:  # not a tar at all, empty, broken compression: same policy as mid-stream
+        yield from grouper.broken(error, 0)
+        return
+    with contextlib.closing(tar):
+        if (yield from _iter_members(grouper, tar)):
+            yield from _check_trailing_data(grouper, tar)
+
+
+@contextlib.contextmanager
+def _pipe_stream(command: str) -> Iterator[IO[bytes]]:
+    process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)  # explicitly allowed by allow_pipe
+    try:
+        yield process.stdout
+    finally:
+        process.stdout.close()
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        if code != 0:
+            logger.warning("pipe command %r exited with status %s", command[:80], code)
+
+
+@contextlib.contextmanager
+def _open_stream(url: str) -> Iterator[IO[bytes]]:
+    if url.startswith("pipe:"):
+        with _pipe_stream(url[len("pipe:"):]) as stream:
+            yield stream
+        return
+    # fsspec does not know .tgz; tarfile's own gzip reader would skip the CRC check, so hand it to fsspec's
+    compression = "gzip" if url.lower().endswith(".tgz") else "infer"
+    with fsspec.open(url, "rb", compression=compression) as stream:
+        yield stream
+
+
+def iter_shard(url: str, config: ReaderConfig) -> Iterator[RawSample | ReadIssue]:
+    """Stream one shard: a RawSample per key group, a ReadIssue for everything that cannot be used."""
+    check_pipe_allowed(url, config.allow_pipe)
+    with contextlib.ExitStack() as stack:
+        try:
+            stream = stack.enter_context(_open_stream(url))
+        except (OSError, ValueError) as error:
+            logger.warning("%s: cannot open: %s", url, describe_error(error))
+            yield ReadIssue(url, "", "shard_unreadable", describe_error(error))
+            return
+        yield from _iter_stream(url, stream)

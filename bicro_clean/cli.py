@@ -183,8 +183,8 @@ def evaluate_cmd(
     config_file: Optional[Path] = ConfigOpt,
 ) -> None:
     """Noise detection and retrieval of BiCro vs NCR vs vanilla vs oracle on Flickr8k (towers embeddings)."""
-    from bicro_clean.models.bicro import BiCroParams
-    from bicro_clean.pipeline.evaluate import evaluate
+    from bicro_clean.models.params import BiCroParams
+    from bicro_clean.lab.evaluate import evaluate
 
     section = load_yaml(config_file).get("bicro", {}) if config_file else {}
     params = BiCroParams.from_dict(section)
@@ -198,7 +198,7 @@ def evaluate_table_cmd(
     results: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="results.json files of `evaluate`."),
 ) -> None:
     """Print a Markdown table of several `evaluate` results (e.g. one per noise level)."""
-    from bicro_clean.pipeline.evaluate import results_table
+    from bicro_clean.lab.evaluate import results_table
 
     typer.echo(results_table([json.loads(p.read_text()) for p in results]))
 
@@ -215,14 +215,16 @@ def bench_cmd(
 ) -> None:
     """Throughput, scaling and memory of every stage (decode, embed, fit, score+write) and the overhead ratio."""
     if embed_only:
-        from bicro_clean.pipeline.bench import markdown_table, run_embed_benchmark
+        from bicro_clean.lab.bench import markdown_table, run_embed_benchmark
 
         result = run_embed_benchmark(pairs, data)
         out.write_text(json.dumps(result, indent=2))
         typer.echo(json.dumps(result, indent=2))
         typer.echo(markdown_table(result))
         return
-    from bicro_clean.pipeline.bench_suite import append_to_doc, make_plan, markdown, run_suite
+    from bicro_clean.lab.bench_plan import make_plan
+    from bicro_clean.lab.bench_suite import run_suite
+    from bicro_clean.lab.bench_summary import append_to_doc, markdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = run_suite(make_plan(quick, tiny), data if data.exists() else None, partial=out)  # survives a kill
@@ -244,6 +246,6 @@ def demo_cmd(
     noise_rate: float = typer.Option(0.4, min=0.0, max=0.9, help="Injected caption noise."),
 ) -> None:
     """Offline end-to-end demo: Flickr8k shards with injected noise -> towers embeddings -> BiCro -> outputs."""
-    from bicro_clean.pipeline.demo import run_demo
+    from bicro_clean.lab.demo import run_demo
 
     typer.echo(run_demo(data, out, images, noise_rate))

@@ -3,7 +3,7 @@
 Two matchers A and B with their own seeds, initialisations and batch orders. The trainer knows how to warm up,
 how to run one epoch of hardest-negative training with per-pair soft labels, and how to compute everything a
 division step needs (embeddings of all pairs and per-pair losses against a fixed negative bank). What the
-labels are is the business of each method (models/train.py, pipeline/evaluate.py).
+labels are is the business of each method (models/train.py, models/baselines.py).
 
 Determinism: every random choice comes from generators seeded by ``seed`` (`seeded`), CPU thread counts are
 pinned (`torch_threads`), and forward passes used for scoring run on fixed-shape, zero-padded chunks

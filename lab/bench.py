@@ -1,11 +1,14 @@
-"""Benchmarks that print figures (never timed tests): embedding stage throughput and where its time goes."""
+"""The embed-only benchmark (`bicro-clean bench --embed-only`): embedding stage throughput and where its time goes.
+
+    python -m bicro_clean.lab.bench [--pairs 512] [--data ../shared/data/flickr8k] [--encoder SPEC]...
+                                    [--batch-size N]... [--out embed.json]
+
+Benchmarks print figures; they are never timed tests.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import platform
 import shutil
 import tempfile
 import time
@@ -13,52 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
+from bicro_clean.lab.flickr8k import flickr_shards
+from bicro_clean.lab.machine import machine_info
+from bicro_clean.lab.output import emit
+from bicro_clean.lab.synthetic import ShardSpec, write_shards
 from bicro_clean.models.encoders import load_encoder
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.embed import EmbedTimings, embed_shards
-from bicro_clean.pipeline.make_shards import make_shards
-from bicro_clean.pipeline.parquet_io import cpu_threads
 
 logger = logging.getLogger(__name__)
 
-
-def machine_info() -> dict[str, Any]:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": cpu_threads(),
-            "platform": platform.platform(), "cuda": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _synthetic_source(root: Path, pairs: int, size: int) -> tuple[Path, Path]:
-    """JPEG photos-like noise images plus captions, when no real data is at hand."""
-    images = root / "images"
-    images.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    with open(root / "captions.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "caption"])
-        for i in range(pairs):
-            pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(images / f"{i:07d}.jpg", quality=85)
-            writer.writerow([f"{i:07d}.jpg", f"synthetic picture number {i} with some words"])
-    return images, root / "captions.csv"
-
-
-def _flickr_source(root: Path, data_dir: Path, pairs: int) -> tuple[Path, Path]:
-    """First `pairs` images of Flickr8k with their first caption (real JPEG decode cost)."""
-    with open(data_dir / "captions.csv", newline="", encoding="utf-8") as fh:
-        rows = {}
-        for row in csv.DictReader(fh):
-            rows.setdefault(row["image"], row["caption"])
-    chosen = sorted(rows)[:pairs]
-    with open(root / "captions.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "caption"])
-        writer.writerows([name, rows[name]] for name in chosen)
-    return data_dir / "images", root / "captions.csv"
+SHARDS = 4
+SYNTHETIC_SIZE = (256, 256)
 
 
 def bench_embed(encoder_spec: str, shards_dir: Path, out: Path, batch_size: int, workers: int,
@@ -93,13 +63,13 @@ def run_embed_benchmark(pairs: int = 512, data_dir: Path | None = None, encoders
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if data_dir and (data_dir / "captions.csv").exists():
-            images, captions = _flickr_source(root, data_dir, pairs)
+            shards = flickr_shards(root / "flickr8k", data_dir, pairs, SHARDS)
             source = f"flickr8k ({pairs} images, 224x224 JPEG)"
         else:
-            images, captions = _synthetic_source(root, pairs, 256)
-            source = f"synthetic ({pairs} images, 256x256 JPEG)"
-        make_shards(images, captions, root / "shards", shard_size=max(1, pairs // 4))
-        runs = [bench_embed(spec, root / "shards", root / "out", bs, w)
+            shards = root / "shards"
+            write_shards(shards, ShardSpec(pairs, max(1, -(-pairs // SHARDS)), image_size=SYNTHETIC_SIZE))
+            source = f"synthetic ({pairs} images, {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]} JPEG)"
+        runs = [bench_embed(spec, shards, root / "out", bs, w)
                 for spec in encoders for bs in batch_sizes for w in sorted({0, workers})]
     return {"benchmark": "embed", "source": source, "machine": machine_info(), "runs": runs}
 
@@ -111,14 +81,6 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"{r['share_waiting_for_decode']:.0%} | {r['share_image_model']:.0%} | {r['share_text_model']:.0%} |"
             for r in result["runs"]]
     return head + "\n".join(rows)
-
-
-def emit(result: dict[str, Any], table: str, out: Path | None) -> None:
-    """What every benchmark script ends with: the figures as JSON and a Markdown table on stdout, JSON to --out."""
-    print(json.dumps(result, indent=2))
-    print(table)
-    if out:
-        out.write_text(json.dumps(result, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

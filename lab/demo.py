@@ -8,6 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
+from bicro_clean.lab.metrics import auroc
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.make_shards import make_shards
 from bicro_clean.pipeline.run import run_pipeline
@@ -27,17 +28,13 @@ def _truth_summary(annotated_glob: str) -> dict[str, float]:
         "kept_fraction": round(float(kept.mean()), 4),
         "precision_of_kept": round(true_kept / max(1, int(kept.sum())), 4),
         "recall_of_clean": round(true_kept / max(1, int(clean.sum())), 4),
-        "auroc_soft_label": round(_auroc(frame["soft_label"].to_numpy(), clean.to_numpy()), 4),
+        "auroc_soft_label": round(auroc(frame["soft_label"].to_numpy(), clean.to_numpy()), 4),
     }
 
 
-def _auroc(score, positive) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(positive, score)) if 0 < positive.mean() < 1 else float("nan")
-
-
 def run_demo(data: Path, out: Path, images: int, noise_rate: float) -> str:
+    """Flickr8k training photos with `noise_rate` of captions mismatched -> shards -> the whole run -> its
+    summary (JSON) with how the keep decision matched the injected truth."""
     if not (data / "captions.csv").exists():
         raise SystemExit(f"demo data not found: {data}/captions.csv (pass --data DIR with images/ and captions.csv)")
     splits = data / "splits.json"

@@ -1,4 +1,4 @@
-"""The Flickr8k noisy-correspondence benchmark: load, embed once, cache.
+"""Flickr8k for the lab: load it, embed it once (cached), and cut real-JPEG shards from it for benchmarks.
 
 Noise is applied at caption level by permuting image assignments, so embeddings of images and captions do not
 depend on the noise rate or seed: one cache per encoder serves every evaluation run.
@@ -114,3 +114,22 @@ def cached_embeddings(
     np.savez(tmp, image_emb=image_emb, text_emb=text_emb)
     tmp.rename(path)
     return {"image_emb": image_emb, "text_emb": text_emb}
+
+
+def flickr_shards(root: Path, data_dir: Path, pairs: int, shards: int) -> Path:
+    """`shards` img2dataset-style tars (through make-shards) of the first `pairs` Flickr8k images, each with its
+    first caption: real JPEG decode cost. Returns the folder holding them (root/shards)."""
+    from bicro_clean.pipeline.make_shards import make_shards
+
+    with open(data_dir / "captions.csv", newline="", encoding="utf-8") as fh:
+        rows: dict[str, str] = {}
+        for row in csv.DictReader(fh):
+            rows.setdefault(row["image"], row["caption"])
+    chosen = sorted(rows)[:pairs]
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "captions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "caption"])
+        writer.writerows([name, rows[name]] for name in chosen)
+    make_shards(data_dir / "images", root / "captions.csv", root / "shards", shard_size=max(1, -(-pairs // shards)))
+    return root / "shards"

@@ -1,7 +1,7 @@
 """Scoring throughput from cached embeddings: pairs/s and peak RSS, for `BiCroModel.score` and the per-shard path.
 
-    python -m pipeline.bench_score [--pairs N] [--anchors K[,K...]] [--shard-pairs M] [--shards 2,8] [--profile]
-                                      [--no-append]
+    python -m bicro_clean.lab.bench_score [--pairs N] [--anchors K[,K...]] [--shard-pairs M] [--shards 2,8]
+                                          [--profile] [--no-append]
 
 One BiCro model is fitted quickly (one warm-up epoch, default 512/1024 sizes) on synthetic 512-d pairs; its
 anchor bank is then cut to each K (the K most confident anchors: what `anchor_top_k=K` keeps). Every point runs
@@ -22,45 +22,32 @@ import json
 import logging
 import os
 import pstats
-import resource
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from bicro_clean.lab.machine import machine_info, peak_rss_mib
+from bicro_clean.lab.output import BENCH_DOC, append_section, emit
+from bicro_clean.lab.synthetic import (
+    NOISE_RATE,
+    ShardSpec,
+    SyntheticShard,
+    synthetic_pairs,
+    write_embeddings,
+    write_shards,
+)
 
 logger = logging.getLogger(__name__)
 
-DIM = 512  # CLIP ViT-B/32's embedding size
-NOISE_RATE = 0.2
 THREADS = 2  # the project's default bicro.threads; also this machine's core count
-BENCH_DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 TARGET_PAIRS_PER_S = 50_000
+IMAGE_SIZE = (16, 16)  # every sample shows the same small JPEG: the path is measured, not decoding
 
 
-# ------------------------------------------------------------------------------------------- synthetic data
-
-
-def synthetic_pairs(n: int, seed: int, noise_rate: float = NOISE_RATE) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised image/text embeddings sharing a latent per pair; `noise_rate` of texts belong elsewhere.
-
-    The per-pair noise scale spreads clean cosines over ~0.1-0.5 (CLIP-like): with one scale every clean pair
-    has zero hinge loss and the loss mixture has nothing to separate, so almost nothing becomes an anchor.
-    """
-    rng = np.random.default_rng(seed)
-    latent = rng.standard_normal((n, DIM), dtype=np.float32)
-    scale = rng.uniform(1.0, 2.5, (n, 1)).astype(np.float32)
-    image = latent + scale * rng.standard_normal((n, DIM), dtype=np.float32)
-    text = latent + scale * rng.standard_normal((n, DIM), dtype=np.float32)
-    noisy = np.flatnonzero(rng.random(n) < noise_rate)
-    text[noisy] = text[rng.permutation(noisy)]  # mismatched captions, as the NCR noise protocol makes them
-    for x in (image, text):
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return image, text
+# ------------------------------------------------------------------------------------------------ inputs
 
 
 def fit_model(pool_pairs: int, train_pairs: int, seed: int = 0) -> Any:
@@ -70,14 +57,15 @@ def fit_model(pool_pairs: int, train_pairs: int, seed: int = 0) -> Any:
     bank without training on 125k pairs (~10 min on 2 cores). `fit_bicro` is not called because it ends by
     scoring every training pair against the whole anchor bank: at 100k anchors, the very cost measured here.
     """
-    from bicro_clean.models.bicro import BiCroParams, _threads, finalise, run_cotraining
-    from bicro_clean.models.cotrain import CoTrainer, NegativeBank, PairData, seeded
+    from bicro_clean.models.cotrain import CoTrainer, NegativeBank, PairData, seeded, torch_threads
+    from bicro_clean.models.params import BiCroParams
+    from bicro_clean.models.train import finalise, run_cotraining
 
     image, text = synthetic_pairs(pool_pairs, seed)
     train = min(train_pairs, pool_pairs)
     params = BiCroParams(seed=seed, epochs=1, warmup_epochs=1, threads=THREADS)
     keys = [f"fit/{i:09d}" for i in range(pool_pairs)]
-    with seeded(seed, "cpu"), _threads(THREADS):
+    with seeded(seed, "cpu"), torch_threads(THREADS):
         data = PairData.build(image[:train], text[:train], "cpu")
         bank = NegativeBank.sample(data, params.bank_size, seed)
         trainer = CoTrainer(data, params.train_config(), seed, True, "cpu")
@@ -100,70 +88,20 @@ def save_with_anchors(model: Any, anchors: int, path: Path) -> int:
     return kept
 
 
-def _jpeg() -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-def write_tar(path: Path, keys: list[str], captions: list[str], image: bytes) -> None:
-    """A shard whose samples match the embedding rows one to one (the write stage checks keys by position)."""
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for key, caption in zip(keys, captions):
-            for name, data in ((f"{key}.jpg", image), (f"{key}.txt", caption.encode())):
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime = len(data), 0
-                tar.addfile(info, io.BytesIO(data))
-
-
-def write_embeddings(output: str, shard: str, keys: list[str], captions: list[str], image: np.ndarray,
-                     text: np.ndarray) -> None:
-    """An embeddings Parquet exactly as the embed stage writes it (pipeline.embed._embed_table + metadata)."""
-    from bicro_clean.pipeline.embed import _embed_table
-    from bicro_clean.pipeline.layout import embedding_path
-    from bicro_clean.pipeline.parquet_io import digest, package_version, write_parquet_atomic
-
-    rows = [{"key": k, "status": "ok", "reason": None, "detail": None, "caption": c, "width": 16, "height": 16,
-             "url": None, "uid": None, "image_sha256": None} for k, c in zip(keys, captions)]
-    table = _embed_table(rows, image, text, shard, (DIM, DIM))
-    encoder = {"spec": "synthetic-512", "kind": "synthetic", "image_dim": DIM, "text_dim": DIM, "aligned": True}
-    meta = {"stage": "embed", "cache_key": digest(shard, encoder), "encoder": encoder, "shard": shard,
-            "package_version": package_version(), "samples": len(rows), "errors": 0}
-    write_parquet_atomic(table, embedding_path(output, shard), meta)
-
-
 def make_dataset(root: Path, shards: int, shard_pairs: int, seed: int) -> tuple[str, str]:
     """`shards` tar shards + their cached embeddings under root; returns (input glob, output dir)."""
-    (root / "in").mkdir(parents=True, exist_ok=True)
-    output, image_bytes = str(root / "out"), _jpeg()
-    for s in range(shards):
-        image, text = synthetic_pairs(shard_pairs, seed + 1000 + s)
-        keys = [f"s{s:03d}_{i:07d}" for i in range(shard_pairs)]
-        captions = [f"caption {s} {i}" for i in range(shard_pairs)]
-        shard = str(root / "in" / f"{s:05d}.tar")
-        write_tar(Path(shard), keys, captions, image_bytes)
-        write_embeddings(output, shard, keys, captions, image, text)
+    output = str(root / "out")
+
+    def cache_embeddings(shard: SyntheticShard) -> None:
+        image, text = synthetic_pairs(len(shard.keys), seed + 1000 + shard.index)
+        write_embeddings(output, str(shard.path), shard.keys, shard.captions, image, text, IMAGE_SIZE)
+
+    spec = ShardSpec(shards * shard_pairs, shard_pairs, image_size=IMAGE_SIZE, pictures=1, seed=seed)
+    write_shards(root / "in", spec, on_shard=cache_embeddings)
     return str(root / "in" / "*.tar"), output
 
 
 # ------------------------------------------------------------------------------------ one measured point
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS in MiB.
-
-    /proc's VmHWM, not getrusage: Linux carries ru_maxrss across fork+exec, so a child spawned by a parent
-    holding 1 GB reports >= 1 GB whatever it does; VmHWM belongs to the child's own address space.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; no /proc elsewhere
 
 
 def measure_score(checkpoint: str, pairs: int, seed: int) -> dict[str, Any]:
@@ -182,11 +120,15 @@ def measure_score(checkpoint: str, pairs: int, seed: int) -> dict[str, Any]:
 
 
 def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> dict[str, Any]:
-    """duplicate_keys + per shard (score_shard, then score_shard_stage: decide and write) + finalize."""
+    """Run-wide values + per shard (score_shard, then write_stage: decide and write) + finalize."""
     from bicro_clean.pipeline.config import CleanConfig
-    from bicro_clean.pipeline.run import duplicate_keys, finalize_stage, input_shards, score_shard_stage
+    from bicro_clean.pipeline.finalize import finalize_stage
     from bicro_clean.pipeline.layout import embedding_path
+    from bicro_clean.pipeline.run import input_shards
     from bicro_clean.pipeline.score import load_model, score_shard
+    from bicro_clean.pipeline.select import RunWide, duplicate_keys
+    from bicro_clean.pipeline.shards import shard_id
+    from bicro_clean.pipeline.write import write_stage
 
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
         pattern, output = make_dataset(Path(tmp), shards, shard_pairs, seed)
@@ -196,12 +138,12 @@ def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> d
         model.scoring_state()  # anchor index + bank embeddings: once per run, timed apart (index_build_s)
         rss_before = peak_rss_mib()
         start, cpu = time.perf_counter(), time.process_time()
-        duplicates = duplicate_keys([embedding_path(output, u) for u in urls])
+        run_wide = RunWide(None, duplicate_keys([embedding_path(output, u) for u in urls]))
         for url in urls:  # scores first (cached on disk), so the stage below times decide + write alone
             score_shard(url, output, checkpoint, model)
         scored = time.perf_counter()
-        results = [score_shard_stage(config, u, checkpoint, None, duplicates, model) for u in urls]
-        finalize_stage(config, results, checkpoint)
+        results = [write_stage(u, config, run_wide) for u in urls]
+        finalize_stage(config, [shard_id(u) for u in urls], checkpoint)
         end, cpu = time.perf_counter(), time.process_time() - cpu
     kept = sum(r["counts"]["kept"] for r in results)
     return {"pairs": shards * shard_pairs, "seconds": end - start, "score_s": scored - start,
@@ -237,7 +179,7 @@ def profile_text(profiler: cProfile.Profile, lines: int = 25) -> str:
 
 def spawn_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one point in a fresh interpreter, so peak RSS covers that point only."""
-    done = subprocess.run([sys.executable, "-m", "bicro_clean.pipeline.bench_score", "--point", json.dumps(spec)],
+    done = subprocess.run([sys.executable, "-m", "bicro_clean.lab.bench_score", "--point", json.dumps(spec)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark point {spec} failed:\n{done.stderr[-3000:]}")
@@ -246,29 +188,6 @@ def spawn_point(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the run
-
-
-def machine_info() -> dict[str, Any]:
-    import platform
-
-    import faiss
-    import torch
-
-    from bicro_clean.pipeline.parquet_io import cpu_threads
-
-    return {"cpu": _cpu_model(), "cpu_threads": cpu_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "faiss": faiss.__version__, "platform": platform.platform(),
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def run_benchmark(pairs: int, anchors: list[int], shard_pairs: int, shard_counts: list[int],
@@ -334,11 +253,7 @@ def append_to_doc(result: dict[str, Any], command: str, path: Path = BENCH_DOC) 
                f"{result['fit']['pairs']:,} ({result['fit']['seconds']} s). "
                f"Each row ran in a fresh process (peak RSS is that row's own). Target: "
                f"{TARGET_PAIRS_PER_S:,} pairs/s with <= 100k anchors.\n\n{markdown_table(result)}\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text("# Benchmarks\n")
-    with open(path, "a") as fh:
-        fh.write(section)
+    append_section(section, path)
 
 
 def _ints(text: str) -> list[int]:
@@ -365,11 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     fit_pairs = args.fit_pairs or int(max(args.anchors) / (1 - NOISE_RATE) * 1.15)
     result = run_benchmark(args.pairs, args.anchors, args.shard_pairs, args.shards, fit_pairs, args.train_pairs,
                            args.profile)
-    print(json.dumps(result, indent=2))
-    table = markdown_table(result)
-    print(table)
+    emit(result, markdown_table(result), None)
     if not args.no_append:
-        append_to_doc(result, "python -m pipeline.bench_score " + " ".join(sys.argv[1:] if argv is None else argv))
+        append_to_doc(result, "python -m bicro_clean.lab.bench_score "
+                      + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """What the IVF anchor index costs in quality: flat vs IVF scores of the same pairs with the same model.
 
-    python -m pipeline.bench_ivf [--data ../shared/data/flickr8k] [--cache /work/cache] [--noise 0.2]
-                                 [--epochs 2] [--nprobe 4,8,16,32] [--nlist 0] [--out ivf.json]
-    python -m pipeline.bench_ivf --recall [--bank 30000] [--nlist 346,512] [--nprobe 4,8,16] [--cache ...]
+    python -m bicro_clean.lab.bench_ivf [--data ../shared/data/flickr8k] [--cache /work/cache] [--noise 0.2]
+                                        [--epochs 2] [--nprobe 4,8,16,32] [--nlist 0] [--out ivf.json]
+    python -m bicro_clean.lab.bench_ivf --recall [--bank 30000] [--nlist 346,512] [--nprobe 4,8,16] [--cache ...]
 
 A BiCro model is fitted on the Flickr8k train split (cached towers embeddings, caption noise as in
-`pipeline.evaluate`), then every training pair is scored once with the exact anchor search and once per nprobe with
-faiss IVF. Agreement: same nearest anchor (i2t / t2i), |delta| of consistency and soft_label, same keep decision
-(soft_label >= 0.5), AUROC of soft_label against the injected truth. `agreement()` is reused by the bench suite.
+`bicro_clean.lab.evaluate`), then every training pair is scored once with the exact anchor search and once per
+nprobe with faiss IVF. Agreement: same nearest anchor (i2t / t2i), |delta| of consistency and soft_label, same keep
+decision (soft_label >= 0.5), AUROC of soft_label against the injected truth.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import argparse
 import copy
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bicro_clean.pipeline.bench import emit
+from bicro_clean.lab.metrics import auroc
+from bicro_clean.lab.output import emit
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def agreement(flat: dict[str, np.ndarray], approx: dict[str, np.ndarray]) -> dic
 def with_index(model: Any, kind: str, nlist: int = 0, nprobe: int = 16) -> Any:
     """A shallow copy of `model` scoring with another anchor index (weights and banks shared, state rebuilt)."""
     other = copy.copy(model)
-    other.params = replace(model.params, anchor_index=kind, ivf_nlist=nlist, ivf_nprobe=nprobe)
+    other.params = model.params.model_copy(update={"anchor_index": kind, "ivf_nlist": nlist, "ivf_nprobe": nprobe})
     other._state = None
     return other
 
@@ -61,16 +61,11 @@ def timed_score(model: Any, image: np.ndarray, text: np.ndarray, keys: list[str]
     return out, built - start, time.perf_counter() - built
 
 
-def auroc(score: np.ndarray, positive: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(positive, score))
-
-
 def run(data_dir: Path, cache_dir: Path, noise: float, epochs: int, nprobes: list[int], nlist: int,
         seed: int = 0) -> dict[str, Any]:
-    from bicro_clean.models.bicro import BiCroParams, fit_bicro
-    from bicro_clean.pipeline.evaluate import load_benchmark
+    from bicro_clean.lab.evaluate import load_benchmark
+    from bicro_clean.models.params import BiCroParams
+    from bicro_clean.models.train import fit_bicro
 
     bench = load_benchmark(data_dir, noise, seed, cache_dir)
     keys = [f"train/{i}" for i in range(len(bench.train_image))]
@@ -99,8 +94,8 @@ def caption_recall(data_dir: Path, cache_dir: Path, bank_rows: int, nlists: list
     with a real neighbourhood structure (synthetic Gaussian pairs have none, the worst case for IVF)."""
     import torch
 
-    from bicro_clean.models.bicro import AnchorIndex, nearest_anchor
-    from bicro_clean.pipeline.evaluate import load_benchmark
+    from bicro_clean.lab.evaluate import load_benchmark
+    from bicro_clean.models.anchors import AnchorIndex, nearest_anchor
 
     bench = load_benchmark(data_dir, 0.0, seed, cache_dir)
     text = np.concatenate([bench.train_text, bench.test_text]).astype(np.float32)

@@ -4,10 +4,14 @@ Training pairs: the 30,455 train-split captions, each with its image, with floor
 image (pipeline.noise.caption_noise, seed S). Every method trains two matchers with the same recipe, epochs
 and seeds and is evaluated in its FINAL state (nothing is chosen on the test split or the ground truth):
 
-- vanilla: hardest-negative triplet on all pairs, no division;
-- ncr:     NCR (Huang et al., NeurIPS 2021): GMM co-division on per-pair loss, co-rectified soft labels;
-- bicro:   models.bicro;
+- vanilla: hardest-negative triplet on all pairs, no division (models.baselines.fit_plain);
+- ncr:     NCR (Huang et al., NeurIPS 2021): GMM co-division on per-pair loss, co-rectified soft labels
+           (models.baselines.fit_ncr);
+- bicro:   models.train.fit_bicro;
 - oracle:  the vanilla recipe on the truly clean pairs only.
+
+This module owns the benchmark (loading with injected noise, detection and retrieval metrics, the table); the
+methods live in models/.
 
 Detection is over the training pairs, clean = positive class. keep = soft_label >= 0.5 (the select stage's
 default rule); est_noise_rate = 1 - mean(keep). Retrieval: 1,000 test images x 5 captions, similarity = mean of
@@ -19,19 +23,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score
 
-from bicro_clean.models.bicro import BiCroParams, _threads, clean_set, fit_bicro
-from bicro_clean.models.cotrain import CoTrainer, NegativeBank, PairData, divide, embed_rows, seeded
-from bicro_clean.models.losses import mean_triplet
+from bicro_clean.lab.flickr8k import cached_embeddings, load_flickr8k
+from bicro_clean.lab.metrics import auroc
+from bicro_clean.models.baselines import fit_ncr, fit_plain
+from bicro_clean.models.cotrain import embed_rows, torch_threads
 from bicro_clean.models.matcher import Matcher
-from bicro_clean.pipeline.flickr8k import cached_embeddings, load_flickr8k
+from bicro_clean.models.params import BiCroParams
+from bicro_clean.models.train import fit_bicro
 from bicro_clean.pipeline.noise import caption_noise
 
 logger = logging.getLogger(__name__)
@@ -41,6 +47,8 @@ METHODS = ("bicro", "ncr", "vanilla", "oracle")
 
 @dataclass
 class Benchmark:
+    """One noisy-correspondence instance: training pairs after noise, their truth, and the clean test split."""
+
     train_image: np.ndarray  # (N, Di) image embedding of each training pair (after noise)
     train_text: np.ndarray  # (N, Dt)
     clean: np.ndarray  # (N,) bool ground truth, only for metrics
@@ -90,7 +98,7 @@ def detection(clean: np.ndarray, soft_label: np.ndarray | None, p_clean: np.ndar
     out: dict = {k: None for k in ("auroc_soft_label", "auprc_soft_label", "auroc_p_clean")}
     out |= {k: None for k in ("precision", "recall", "f1", "est_noise_rate")}
     if soft_label is not None:
-        out["auroc_soft_label"] = float(roc_auc_score(clean, soft_label))
+        out["auroc_soft_label"] = auroc(soft_label, clean)
         out["auprc_soft_label"] = float(average_precision_score(clean, soft_label))
         keep = soft_label >= 0.5
         tp = float(np.sum(keep & clean))
@@ -100,7 +108,7 @@ def detection(clean: np.ndarray, soft_label: np.ndarray | None, p_clean: np.ndar
         out["f1"] = 2 * precision * recall / max(precision + recall, 1e-12)
         out["est_noise_rate"] = float(1.0 - keep.mean())
     if p_clean is not None:
-        out["auroc_p_clean"] = float(roc_auc_score(clean, p_clean))
+        out["auroc_p_clean"] = auroc(p_clean, clean)
     return out
 
 
@@ -114,122 +122,6 @@ def test_similarity(nets: list[Matcher], bench: Benchmark, device: str) -> np.nd
         net.eval()
         sims += (embed_rows(net.embed_images, images) @ embed_rows(net.embed_texts, texts).T).double().cpu().numpy()
     return sims / len(nets)
-
-
-# ------------------------------------------------------------------------------------------ methods
-
-
-def _plain_recipe(trainer: CoTrainer, idx: torch.Tensor, params: BiCroParams) -> None:
-    """vanilla / oracle: warm-up epochs on the mean hinge over all given pairs, then hardest negatives."""
-    for epoch in range(params.epochs):
-        trainer.set_epoch(epoch)
-        for k in range(2):
-            if epoch < params.warmup_epochs:
-                trainer.warmup_epoch(k, 1.0, idx)
-            else:
-                trainer.train_epoch(k, idx, None)
-        logger.info("plain epoch %d/%d done", epoch + 1, params.epochs)
-
-
-def fit_plain(bench: Benchmark, params: BiCroParams, device: str, only_clean: bool) -> list[Matcher]:
-    with seeded(params.seed, device), _threads(params.threads):
-        data = PairData.build(bench.train_image, bench.train_text, device)
-        trainer = CoTrainer(data, params.train_config(), params.seed, False, device)
-        idx = np.flatnonzero(bench.clean) if only_clean else np.arange(len(data))
-        _plain_recipe(trainer, torch.from_numpy(idx).to(device), params)
-    return trainer.nets
-
-
-def ncr_predict(sims: torch.Tensor, negatives: torch.Tensor, alpha: float) -> torch.Tensor:
-    """NCR's per-batch correspondence estimate: alpha minus the mean hinge, scaled by the batch's top 10%."""
-    margins = torch.full((sims.shape[0],), alpha, device=sims.device)
-    p = (alpha - mean_triplet(sims, margins, negatives) / 2).clamp(0, alpha)
-    top = torch.topk(p, sims.shape[0] // 10 + 1).values.mean()
-    return (p / top.clamp(min=1e-12)).clamp(0, 1)
-
-
-def _ncr_relabel(trainer: CoTrainer, w_peer: torch.Tensor, alpha: float):
-    """Co-rectification: clean pairs y = w + (1-w) P_own; noisy pairs y = (P_A + P_B) / 2 (current nets)."""
-
-    def relabel(k: int, idx: torch.Tensor, _labels: torch.Tensor | None, is_clean: bool) -> torch.Tensor:
-        neg = trainer.data.negatives(idx)
-        with torch.no_grad():
-            preds = []
-            for j in ([k] if is_clean else [0, 1]):
-                net = trainer.nets[j]
-                was = net.training
-                net.eval()
-                preds.append(ncr_predict(net(trainer.data.image[idx], trainer.data.text[idx]), neg, alpha))
-                net.train(was)
-            if is_clean:
-                w = w_peer[idx]
-                return w + (1 - w) * preds[0]
-            return (preds[0] + preds[1]) / 2
-
-    return relabel
-
-
-def fit_ncr(
-    bench: Benchmark, params: BiCroParams, device: str, monitor: Callable[[int, CoTrainer], None] | None = None
-) -> tuple[list[Matcher], dict[str, np.ndarray]]:
-    gmm = replace(params, division="gmm")
-    with seeded(params.seed, device), _threads(params.threads):
-        data = PairData.build(bench.train_image, bench.train_text, device)
-        bank = NegativeBank.sample(data, params.bank_size, params.seed)
-        trainer = CoTrainer(data, params.train_config(), params.seed, False, device)
-        noisy_from = params.warmup_epochs + int(params.noisy_start * (params.epochs - params.warmup_epochs))
-        for epoch in range(params.epochs):
-            trainer.set_epoch(epoch)
-            if epoch < params.warmup_epochs:
-                for k in range(2):
-                    trainer.warmup_epoch(k, 1.0)  # NCR warms up on every pair
-                continue
-            divs = [_ncr_divide(trainer.nets[k], data, bank, gmm) for k in range(2)]
-            for k in range(2):
-                peer = divs[1 - k]
-                clean = clean_set(peer.p_clean, params.clean_threshold)
-                w = torch.from_numpy(peer.p_clean.astype(np.float32)).to(device)
-                ct = torch.from_numpy(np.flatnonzero(clean)).to(device)
-                nt = torch.from_numpy(np.flatnonzero(~clean)).to(device) if epoch >= noisy_from else None
-                relabel = _ncr_relabel(trainer, w, params.alpha)
-                trainer.train_epoch(k, ct, None, nt, None, relabel=relabel, drop_zero=params.drop_zero_labels)
-            clean_sizes = [int((d.p_clean > params.clean_threshold).sum()) for d in divs]
-            logger.info("ncr epoch %d/%d: clean sets %s", epoch + 1, params.epochs, clean_sizes)
-            if monitor is not None:
-                monitor(epoch, trainer)
-        divs = [_ncr_divide(trainer.nets[k], data, bank, gmm) for k in range(2)]
-        outputs = _ncr_outputs(trainer, divs, params, device)
-    return trainer.nets, outputs
-
-
-def _ncr_divide(net, data, bank, params: BiCroParams):
-    return divide(net, data, bank, params.alpha, "gmm", params.mixture_iterations, params.seed)
-
-
-def _ncr_outputs(trainer: CoTrainer, divs, params: BiCroParams, device: str) -> dict[str, np.ndarray]:
-    """Final labels as the next epoch would use them, with predictions on fixed seeded batches."""
-    n = len(trainer.data)
-    gen = torch.Generator().manual_seed(params.seed + 17)
-    perm = torch.randperm(n, generator=gen).to(device)
-    labels = np.zeros((2, n))
-    for k in range(2):
-        peer = divs[1 - k]
-        clean = clean_set(peer.p_clean, params.clean_threshold)
-        w = torch.from_numpy(peer.p_clean.astype(np.float32)).to(device)
-        relabel = _ncr_relabel(trainer, w, params.alpha)
-        for s in range(0, n, params.batch_size):
-            b = perm[s : s + params.batch_size]
-            if b.numel() < 2:
-                b = perm[-params.batch_size :]
-            bc = torch.from_numpy(clean[b.cpu().numpy()]).to(device)
-            lc = relabel(k, b, None, True)
-            ln = relabel(k, b, None, False)
-            labels[k, b.cpu().numpy()] = torch.where(bc, lc, ln).double().cpu().numpy()
-    return {
-        "soft_label": labels.mean(axis=0).astype(np.float32),
-        "p_clean": np.mean([d.p_clean for d in divs], axis=0).astype(np.float32),
-        "noisy_weight": np.array([d.mixture.noisy_weight() for d in divs]),
-    }
 
 
 # --------------------------------------------------------------------------------------- evaluate
@@ -248,7 +140,7 @@ def evaluate(
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
-    params = replace(params or BiCroParams(), seed=seed)
+    params = (params or BiCroParams()).model_copy(update={"seed": seed})
     bench = load_benchmark(data_dir, noise_rate, seed, cache_dir)
     logger.info("benchmark: %d training pairs, realised noise %.4f", len(bench.clean), 1 - bench.clean.mean())
     results: dict = {"noise_rate": noise_rate, "seed": seed, "methods": {}}
@@ -261,12 +153,13 @@ def evaluate(
             nets, soft, p_clean = model.nets, outputs["soft_label"], outputs["p_clean"]
             extra["est_noise_rate_mixture"] = float(np.mean([m.noisy_weight() for m in model.mixtures]))
         elif method == "ncr":
-            nets, outputs = fit_ncr(bench, params, device)
+            nets, outputs = fit_ncr(bench.train_image, bench.train_text, params, device)
             soft, p_clean = outputs["soft_label"], outputs["p_clean"]
             extra["est_noise_rate_mixture"] = float(outputs["noisy_weight"].mean())
         else:
-            nets = fit_plain(bench, params, device, only_clean=method == "oracle")
-        with _threads(params.threads):
+            rows = np.flatnonzero(bench.clean) if method == "oracle" else None
+            nets = fit_plain(bench.train_image, bench.train_text, params, device, rows)
+        with torch_threads(params.threads):
             sims = test_similarity(nets, bench, device)
         entry = detection(bench.clean, soft, p_clean) | retrieval(sims, bench.test_caption_image) | extra
         entry["seconds"] = round(time.time() - t0, 1)
@@ -307,6 +200,7 @@ def results_table(results: Sequence[dict]) -> str:
                 f"| {res['noise_rate']} | {name} | {_fmt(e.get('auroc_soft_label'), 3)} | "
                 f"{_fmt(e.get('auroc_p_clean'), 3)} | {_fmt(e.get('est_noise_rate'), 3)} | {pr} | "
                 f"{' / '.join(f'{x:.1f}' for x in e['i2t'])} | {' / '.join(f'{x:.1f}' for x in e['t2i'])} | "
-                f"{e['rsum']:.1f} | {_ratio_to_oracle(e, methods)} | {e['seconds']:.0f} ({e.get('cpu_seconds', 0):.0f}) |"
+                f"{e['rsum']:.1f} | {_ratio_to_oracle(e, methods)} | "
+                f"{e['seconds']:.0f} ({e.get('cpu_seconds', 0):.0f}) |"
             )
     return "\n".join(lines)

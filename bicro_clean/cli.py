@@ -208,16 +208,28 @@ def bench_cmd(
     out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON figures."),
     quick: bool = typer.Option(False, "--quick", help="Skip the 1M-pair fit and use fewer pairs: a few minutes."),
     data: Path = typer.Option(Path("../shared/data/flickr8k"), help="Real JPEGs for the decode stage, when present."),
-    append: bool = typer.Option(True, "--append/--no-append", help="Append the Markdown table to docs/benchmarks.md."),
+    append: Optional[bool] = typer.Option(None, "--append/--no-append", help="Append the Markdown table to "
+                                          "docs/benchmarks.md (default: yes for the suite, no for --e2e)."),
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Seconds-long run of every path (tests)."),
     embed_only: bool = typer.Option(False, "--embed-only", help="Only the older embed benchmark (--pairs)."),
-    pairs: int = typer.Option(512, min=8, help="Pairs in the --embed-only benchmark."),
+    e2e: bool = typer.Option(False, "--e2e", help="The whole job with default settings vs `embed` alone, measured."),
+    pairs: Optional[int] = typer.Option(None, min=8, help="Pairs: --embed-only (default 512), --e2e (2000)."),
+    size: str = typer.Option("500x375", help="--e2e: JPEG size WIDTHxHEIGHT."),
+    encoder: Optional[str] = typer.Option(None, hidden=True, help="--e2e: another encoder than towers (tests)."),
+    workdir: Optional[Path] = typer.Option(None, hidden=True, help="--e2e: keep shards and outputs here (tests)."),
+    point: Optional[Path] = typer.Option(None, hidden=True, help="--e2e internal: measure one point (JSON spec)."),
 ) -> None:
     """Throughput, scaling and memory of every stage (decode, embed, fit, score+write) and the overhead ratio."""
+    if point is not None:
+        _bench_e2e_point(point)
+        return
+    if e2e:
+        _bench_e2e(out, pairs, size, encoder, workdir, bool(append))
+        return
     if embed_only:
         from bicro_clean.lab.bench import markdown_table, run_embed_benchmark
 
-        result = run_embed_benchmark(pairs, data)
+        result = run_embed_benchmark(pairs or 512, data)
         out.write_text(json.dumps(result, indent=2))
         typer.echo(json.dumps(result, indent=2))
         typer.echo(markdown_table(result))
@@ -234,8 +246,41 @@ def bench_cmd(
                           indent=2))
     table = markdown(result)
     typer.echo(table)
-    if append:
+    if append is None or append:
         append_to_doc(result, "bicro-clean bench " + " ".join(sys.argv[2:]))
+
+
+def _bench_e2e_point(point: Path) -> None:
+    """One point of `bench --e2e`, in its own interpreter: the job exactly as `run` (or `embed`) builds and runs it."""
+    from bicro_clean.lab.bench_e2e import measure
+
+    spec = json.loads(point.read_text())
+    if spec["kind"] == "run":
+        cfg = build_config(None, _run_overrides(input=[spec["input"]], out=spec["output"], encoder=spec["encoder"]))
+        result = measure("run", cfg, lambda: run_with_runner(cfg))
+    else:
+        from bicro_clean.pipeline.embed import embed_shards
+
+        cfg = build_config(None, _embed_overrides([spec["input"]], spec["output"], spec["encoder"], None, None, None))
+        result = measure("embed", cfg, lambda: embed_shards(cfg))
+    point.with_suffix(".result.json").write_text(json.dumps(result))
+
+
+def _bench_e2e(out: Path, pairs: Optional[int], size: str, encoder: Optional[str], workdir: Optional[Path],
+               append: bool) -> None:
+    from bicro_clean.lab import bench_e2e
+
+    try:
+        image_size = bench_e2e.parse_size(size)
+    except ValueError as error:
+        typer.echo(f"config error: --size: {error}", err=True)
+        raise typer.Exit(2)
+    result = bench_e2e.run_e2e(pairs or bench_e2e.DEFAULT_PAIRS, image_size, encoder, workdir=workdir)
+    out.write_text(json.dumps(result, indent=2))
+    typer.echo(json.dumps(result, indent=2))
+    typer.echo(bench_e2e.markdown(result))
+    if append:
+        bench_e2e.append_to_doc(result, "bicro-clean bench " + " ".join(sys.argv[2:]))
 
 
 @app.command("demo")

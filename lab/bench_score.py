@@ -104,11 +104,14 @@ def make_dataset(root: Path, shards: int, shard_pairs: int, seed: int) -> tuple[
 # ------------------------------------------------------------------------------------ one measured point
 
 
-def measure_score(checkpoint: str, pairs: int, seed: int) -> dict[str, Any]:
-    """`BiCroModel.score` alone on `pairs` in-memory pairs with run-wide keys (as score_batch passes them)."""
+def measure_score(checkpoint: str, pairs: int, seed: int, index: str | None = None) -> dict[str, Any]:
+    """`BiCroModel.score` alone on `pairs` in-memory pairs with run-wide keys (as score_batch passes them);
+    `index` overrides the checkpoint's `anchor_index` (flat = exact search, auto = the default)."""
     from bicro_clean.pipeline.score import load_model
 
     model = load_model(checkpoint)
+    if index:
+        model.params.anchor_index = index
     model.scoring_state()  # built once per loaded model; paid on the first score() otherwise
     image, text = synthetic_pairs(pairs, seed + 1)
     keys = [f"bench/{i:09d}" for i in range(pairs)]
@@ -116,7 +119,9 @@ def measure_score(checkpoint: str, pairs: int, seed: int) -> dict[str, Any]:
     start, cpu = time.perf_counter(), time.process_time()
     model.score(image, text, keys=keys)
     seconds = time.perf_counter() - start
-    return {"pairs": pairs, "seconds": seconds, "cpu_s": time.process_time() - cpu, "rss_before_mib": rss_before}
+    search = model.scoring_state().indexes[0].kind if model.scoring_state().indexes else "-"
+    return {"pairs": pairs, "seconds": seconds, "search": search, "cpu_s": time.process_time() - cpu,
+            "rss_before_mib": rss_before}
 
 
 def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> dict[str, Any]:
@@ -141,13 +146,15 @@ def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> d
         run_wide = RunWide(None, duplicate_keys([embedding_path(output, u) for u in urls]))
         for url in urls:  # scores first (cached on disk), so the stage below times decide + write alone
             score_shard(url, output, checkpoint, model)
-        scored = time.perf_counter()
+        scored, scored_cpu = time.perf_counter(), time.process_time()
         results = [write_stage(u, config, run_wide) for u in urls]
         finalize_stage(config, [shard_id(u) for u in urls], checkpoint)
-        end, cpu = time.perf_counter(), time.process_time() - cpu
+        end, end_cpu = time.perf_counter(), time.process_time()
     kept = sum(r["counts"]["kept"] for r in results)
+    # decide + write is one thread: its CPU seconds give pairs/s per core even when shared cores stretch wall time
     return {"pairs": shards * shard_pairs, "seconds": end - start, "score_s": scored - start,
-            "decide_write_s": end - scored, "cpu_s": cpu, "kept": kept, "rss_before_mib": rss_before}
+            "decide_write_s": end - scored, "decide_write_cpu_s": end_cpu - scored_cpu, "cpu_s": end_cpu - cpu,
+            "kept": kept, "rss_before_mib": rss_before}
 
 
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +166,7 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     if profiler:
         profiler.enable()
     if spec["kind"] == "score":
-        result = measure_score(spec["checkpoint"], spec["pairs"], spec["seed"])
+        result = measure_score(spec["checkpoint"], spec["pairs"], spec["seed"], spec.get("index"))
     else:
         result = measure_path(spec["checkpoint"], spec["shards"], spec["shard_pairs"], spec["seed"])
     if profiler:
@@ -191,7 +198,8 @@ def spawn_point(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_benchmark(pairs: int, anchors: list[int], shard_pairs: int, shard_counts: list[int],
-                  fit_pairs: int, train_pairs: int, profile: bool, seed: int = 0) -> dict[str, Any]:
+                  fit_pairs: int, train_pairs: int, profile: bool, seed: int = 0,
+                  indexes: tuple[str, ...] = ("",)) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         start = time.perf_counter()
         model = fit_model(fit_pairs, train_pairs, seed)
@@ -207,8 +215,9 @@ def run_benchmark(pairs: int, anchors: list[int], shard_pairs: int, shard_counts
         del model
         points = []
         for k, path in checkpoints.items():
-            points.append(spawn_point({"kind": "score", "anchors": k, "pairs": pairs, "seed": seed,
-                                       "checkpoint": path}))
+            for index in indexes:  # score points per anchor search, one after the other (A/B on one load)
+                points.append(spawn_point({"kind": "score", "anchors": k, "pairs": pairs, "seed": seed,
+                                           "checkpoint": path, "index": index}))
             for n in shard_counts:
                 points.append(spawn_point({"kind": "path", "anchors": k, "shards": n, "shard_pairs": shard_pairs,
                                            "seed": seed, "checkpoint": path}))
@@ -231,7 +240,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     for p in result["points"]:
         if "profile" in p:
             continue
-        what = "BiCroModel.score" if p["kind"] == "score" else "score_shard + decide + write"
+        what = f"BiCroModel.score ({p.get('search', '-')})" if p["kind"] == "score" else "score_shard + decide + write"
         layout = f"{p['shards']} x {p['shard_pairs']}" if p["kind"] == "path" else f"1 x {p['pairs']}"
         split = f"{p['score_s']:.1f} / {p['decide_write_s']:.1f}" if p["kind"] == "path" else "-"
         rows.append(f"| {what} | {p['anchors']} | {layout} | {p['pairs_per_s']:,.0f} | {p['seconds']:.1f} | "
@@ -268,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=_ints, default=[2, 8], help="shard counts for the path points")
     parser.add_argument("--fit-pairs", type=int, default=0, help="pairs divided for anchors (0: enough for them)")
     parser.add_argument("--train-pairs", type=int, default=8192, help="pairs the warm-up epoch trains on")
+    parser.add_argument("--anchor-index", default="", help="score points per anchor search, comma separated "
+                        "(e.g. flat,auto: exact vs the default; empty: the checkpoint's own)")
     parser.add_argument("--profile", action="store_true", help="add a cProfile'd score point at the most anchors")
     parser.add_argument("--no-append", action="store_true", help=f"do not append to {BENCH_DOC.name}")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: one measured point, in a subprocess
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     # ~(1 - NOISE_RATE) of the fit pairs end in the clean set, which is where anchors come from.
     fit_pairs = args.fit_pairs or int(max(args.anchors) / (1 - NOISE_RATE) * 1.15)
     result = run_benchmark(args.pairs, args.anchors, args.shard_pairs, args.shards, fit_pairs, args.train_pairs,
-                           args.profile)
+                           args.profile, indexes=tuple(args.anchor_index.split(",")))
     emit(result, markdown_table(result), None)
     if not args.no_append:
         append_to_doc(result, "python -m bicro_clean.lab.bench_score "

@@ -40,7 +40,20 @@ FORMAT_VERSION = 1
 # chunks and 45 on 1,024 (512 -> 1,024 linear, same load), so smaller chunks would cost more than the padding of
 # a short last chunk (faiss IndexFlatIP likewise: 2.1x slower on 256-query chunks than on 1,024).
 SCORE_CHUNK_CPU = 1024
-SCORE_CHUNK_CUDA = 2048
+# On a GPU a chunk is a few kernel launches whatever its size: 4,096 rows keep the exact search's score matrix at
+# 1 GiB with the 65,536-anchor cap (chunk x anchors x 4 bytes) and the bank's (chunk, bank_size) temporaries small.
+SCORE_CHUNK_CUDA = 4096
+# Rows per score() call the pipeline hands over (pipeline/score.py reads its Parquet in batches of this size):
+# on the CPU 4 chunks (memory bounded, results identical whatever the batch), on a GPU 16 chunks per transfer.
+SCORE_BATCH_CPU = 4096
+SCORE_BATCH_CUDA = 65_536
+
+
+def score_sizes(device_type: str) -> tuple[int, int]:
+    """(rows per fixed-shape chunk, rows per pipeline batch) for scoring on `device_type` ("cpu", "cuda")."""
+    if device_type == "cuda":
+        return SCORE_CHUNK_CUDA, SCORE_BATCH_CUDA
+    return SCORE_CHUNK_CPU, SCORE_BATCH_CPU
 
 
 def _row_groups(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +89,7 @@ class ScoringState:
         if model.anchor_img.shape[0] > 0:
             indexes = tuple(
                 AnchorIndex.build(bank.to(dev), p.anchor_index, p.ivf_nlist, p.ivf_nprobe, p.seed,
-                                  exact="torch" if dev.type == "cuda" else "faiss")
+                                  exact="torch" if dev.type == "cuda" else "faiss", scoring=True)
                 for bank in (model.anchor_img, model.anchor_txt)
             )
         return cls(bank_emb, torch.from_numpy(model.bank.image_hash).to(dev),
@@ -144,7 +157,12 @@ class BiCroModel:
     @property
     def score_chunk(self) -> int:
         """Rows per fixed-shape chunk when scoring (see SCORE_CHUNK_CPU); larger on a GPU (fewer launches)."""
-        return SCORE_CHUNK_CUDA if self.device.type == "cuda" else SCORE_CHUNK_CPU
+        return score_sizes(self.device.type)[0]
+
+    @property
+    def score_batch_rows(self) -> int:
+        """Rows the pipeline should pass per score() call: larger on a GPU (see SCORE_BATCH_CUDA)."""
+        return score_sizes(self.device.type)[1]
 
     def scoring_state(self) -> "ScoringState":
         """Anchor indexes and bank embeddings: built once per loaded model, not once per score() call."""

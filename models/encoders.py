@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bicro_clean.models.tokens import SentenceTokens, TextTokens, sentence_embeddings
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +55,10 @@ class Encoder(Protocol):
     aligned: bool  # True when image and text live in one space (cosine is meaningful)
 
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]: ...
+    def decode_side(self) -> int: ...  # the transform needs images whose shorter side is at least this
+    def text_transform(self) -> Callable[[list[str]], Any]: ...  # picklable tokeniser, runs in decode workers
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def encode_tokens(self, tokens: Any) -> torch.Tensor: ...  # encode_texts(t) == encode_tokens(text_transform()(t))
     def encode_texts(self, texts: list[str]) -> torch.Tensor: ...
     def describe(self) -> dict[str, Any]: ...
 
@@ -106,9 +111,13 @@ class TowersEncoder:
     text_batch_size: int = 256
     aligned: bool = False
     weights_digest: str = ""
+    text_path: str = ""  # the text model's local folder (a spawned decode worker loads its tokeniser from it)
 
     def image_transform(self) -> ImageTransform:
         return ImageTransform(self.image_size)
+
+    def decode_side(self) -> int:
+        return self.image_size  # ImageTransform resizes the shorter side to image_size
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -118,12 +127,14 @@ class TowersEncoder:
             features = self.image_model(pixels)
         return _normalise(features).cpu()
 
-    @torch.inference_mode()
+    def text_transform(self) -> SentenceTokens:
+        return SentenceTokens(self.text_model, self.text_path, self.text_batch_size)
+
+    def encode_tokens(self, tokens: TextTokens) -> torch.Tensor:
+        return _normalise(sentence_embeddings(self.text_model, tokens)).cpu()
+
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        emb = self.text_model.encode(
-            texts, batch_size=self.text_batch_size, convert_to_tensor=True, show_progress_bar=False
-        )
-        return _normalise(emb).cpu()
+        return self.encode_tokens(self.text_transform()(texts))  # == text_model.encode(texts), bit for bit
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -156,16 +167,24 @@ class OpenClipEncoder:
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         return self.transform
 
+    def decode_side(self) -> int:
+        return transform_side(self.transform, getattr(self.model.visual, "image_size", 224))
+
+    def text_transform(self) -> Callable[[list[str]], torch.Tensor]:
+        return self.tokenizer
+
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         with _autocast(self.device, self.use_autocast):
             return _normalise(self.model.encode_image(pixels.to(self.device, non_blocking=True))).cpu()
 
     @torch.inference_mode()
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts).to(self.device)
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         with _autocast(self.device, self.use_autocast):
-            return _normalise(self.model.encode_text(tokens)).cpu()
+            return _normalise(self.model.encode_text(tokens.to(self.device, non_blocking=True))).cpu()
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_tokens(self.tokenizer(texts))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -177,6 +196,19 @@ class OpenClipEncoder:
             "aligned": self.aligned,
             "weights": self.weights_digest,
         }
+
+
+def transform_side(transform: Any, model_size: int | tuple[int, ...]) -> int:
+    """The shorter image side a preprocessing pipeline needs so it never upsamples: the largest size of its
+    resize/crop steps (shortest-side, squash and longest-side resizes all need no more), at least the model's input."""
+    sizes = [max(model_size) if isinstance(model_size, (tuple, list)) else int(model_size)]
+    for step in getattr(transform, "transforms", [transform]):
+        size = getattr(step, "size", None)
+        if isinstance(size, int):
+            sizes.append(size)
+        elif isinstance(size, (tuple, list)) and size and all(isinstance(v, int) for v in size):
+            sizes.append(max(size))
+    return max(sizes)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -249,7 +281,7 @@ def _image_tower(spec: str) -> tuple[torch.nn.Module, int, int]:
     raise ValueError(f"unknown image tower {spec!r}: use efficientnet-lite0 or timm/NAME=/path/to/checkpoint")
 
 
-def _text_tower(spec: str, device: torch.device) -> tuple[Any, int]:
+def _text_tower(spec: str, device: torch.device) -> tuple[Any, int, str]:
     from sentence_transformers import SentenceTransformer
 
     if spec in ("", "minilm"):
@@ -262,7 +294,7 @@ def _text_tower(spec: str, device: torch.device) -> tuple[Any, int]:
             raise ValueError(f"text tower {spec!r} is not a local sentence-transformers directory")
     # local_files_only: a local folder must never trigger a hub download.
     model = SentenceTransformer(str(path), device=str(device), local_files_only=True)
-    return model, int(model.get_sentence_embedding_dimension())
+    return model, int(model.get_sentence_embedding_dimension()), str(path)
 
 
 def load_towers(spec: str, device: torch.device, use_autocast: bool = True) -> TowersEncoder:
@@ -271,19 +303,11 @@ def load_towers(spec: str, device: torch.device, use_autocast: bool = True) -> T
     text_spec = parts[2] if len(parts) > 2 else ""
     image_model, size, image_dim = _image_tower(image_spec)
     image_model = image_model.eval().to(device, memory_format=torch.channels_last)
-    text_model, text_dim = _text_tower(text_spec, device)
+    text_model, text_dim, text_path = _text_tower(text_spec, device)
     digest = _state_digest(image_model) + _state_digest(text_model)
-    return TowersEncoder(
-        spec=spec,
-        image_model=image_model,
-        text_model=text_model,
-        image_size=size,
-        image_dim=image_dim,
-        text_dim=text_dim,
-        device=device,
-        use_autocast=use_autocast,
-        weights_digest=hashlib.sha256(digest.encode()).hexdigest()[:16],
-    )
+    return TowersEncoder(spec=spec, image_model=image_model, text_model=text_model, image_size=size,
+                         image_dim=image_dim, text_dim=text_dim, device=device, use_autocast=use_autocast,
+                         weights_digest=hashlib.sha256(digest.encode()).hexdigest()[:16], text_path=text_path)
 
 
 def _register_tiny_config() -> None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from bicro_clean.models.cotrain import TrainConfig
 
 # The anchor search kinds (models.anchors.ANCHOR_INDEX_KINDS is derived from this).
-AnchorIndexKind = Literal["auto", "flat", "ivf"]
+AnchorIndexKind = Literal["auto", "flat", "ivf", "pca"]
 
 # Default anchor bank bound (anchor_top_k): 65,536 anchors are more than Flickr8k's whole clean set (so its
 # evaluation is unchanged) and keep the checkpoint and the scoring indexes under ~600 MB whatever the crawl size.
@@ -70,11 +70,14 @@ class BiCroParams(BaseModel):
     )
     # Anchor search in training's consistency labels and in scoring: "flat" = exact, "ivf" = faiss IndexIVFFlat,
     # approximate but ~A / (nlist + nprobe * A / nlist) times less work (docs/benchmarks.md measures the cost);
-    # "auto" = exact up to models.anchors.AUTO_IVF_MIN_ROWS distinct anchor rows (and always on CUDA), IVF above.
+    # "pca" = candidates from a 96-d PCA projection of the bank, re-ranked exactly (models.anchors.search_kind);
+    # "auto" = exact up to models.anchors.AUTO_IVF_MIN_ROWS distinct anchor rows (and always on CUDA), IVF above,
+    # except that scoring on the CPU uses "pca" from models.anchors.AUTO_PCA_MIN_ROWS rows (training stays exact).
     anchor_index: AnchorIndexKind = Field(
         "auto", description="Anchor search (consistency labels in training and scoring): flat = exact; ivf = faiss "
         "IndexIVFFlat, approximate and much faster at 100k anchors (docs/benchmarks.md measures its agreement); "
-        "auto = exact up to 32,768 distinct anchor rows and on CUDA, IVF above."
+        "pca = candidates from a 96-d PCA projection re-ranked exactly; auto = exact up to 32,768 distinct anchor "
+        "rows and on CUDA, IVF above, and pca when scoring on the CPU from 2,048 rows."
     )
     ivf_nlist: int = Field(0, ge=0, description="IVF inverted lists (0 = about 2 * sqrt(distinct anchor rows)).")
     ivf_nprobe: int = Field(8, ge=1, description="IVF lists visited per query: more = closer to exact, slower.")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bicro_clean.models.params import BiCroParams
 
@@ -37,17 +38,30 @@ class ReaderConfig(_Section):
     allow_pipe: bool = Field(False, description="Allow pipe: shard URLs, which run shell commands.")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class EmbedConfig(_Section):
     encoder: str = Field("towers", description="towers | towers:IMAGE:TEXT | open_clip:MODEL:TAG_OR_PATH | tiny")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     batch_size: int = Field(64, gt=0)
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images.")
+    num_workers: int = Field(
+        default_factory=lambda: usable_cores(), ge=0,
+        description="DataLoader worker processes decoding images and tokenising captions; default: every core this "
+        "process may use (sched_getaffinity). 0 = decode in the main process."
+    )
     autocast: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     threads: int = Field(
         0, ge=0, description="torch threads for the model; 0 = every core this process may use. Set explicitly "
         "because Dask workers default to 1 and float results depend on the thread count."
     )
     progress: bool = Field(True, description="Show a progress bar.")
+    dtype: Literal["float16", "float32"] = Field(
+        "float16", description="How image_emb/text_emb are stored. float16 halves the bytes (unit vectors: ~3 "
+        "significant digits, soft_label AUROC unchanged on Flickr8k); readers always get float32 back."
+    )
 
 
 class BiCroConfig(BiCroParams, _Section):
@@ -83,7 +97,17 @@ class RunnerConfig(_Section):
     workers: int = Field(2, gt=0, description="Concurrent tasks (local threads or LocalCluster workers).")
     processes: bool = Field(False, description="local runner: processes instead of threads.")
     dask_address: str | None = Field(None, description="tcp://scheduler:8786; a LocalCluster when empty.")
+    cuda_cluster: bool = Field(
+        False, description="dask runner without dask_address: dask-cuda's LocalCUDACluster, one worker per visible "
+        "GPU (CUDA_VISIBLE_DEVICES per worker; `workers` is then the GPU count). Needs the extra bicro-clean[gpu]."
+    )
     ray_address: str | None = Field(None, description="ray://head:10001; a local Ray when empty.")
+
+    @model_validator(mode="after")
+    def _cuda_cluster_is_dask(self) -> "RunnerConfig":
+        if self.cuda_cluster and (self.kind != "dask" or self.dask_address):
+            raise ValueError("cuda_cluster needs kind 'dask' without dask_address (it starts its own cluster)")
+        return self
 
 
 class CleanConfig(_Section):

@@ -1,8 +1,10 @@
 """Embedding stage: shards in, one Parquet of embeddings per shard out.
 
 Every input row lands in the shard's Parquet, failures included (status ``error`` with a reason code), so
-``samples in = embedded + recorded errors`` holds per shard. Decoding runs in DataLoader worker processes, one
-shard per worker at a time, so a shard's rows keep their order; the model stays in the main process.
+``samples in = embedded + recorded errors`` holds per shard. Decoding (large JPEGs at a reduced DCT scale, never
+below what the encoder's transform needs) and caption tokenisation run in DataLoader worker processes, one shard
+per worker at a time, so a shard's rows keep their order; the model stays in the main process. Embeddings are
+stored as float16 by default (`embed.dtype`); readers get float32 (`pipeline.score.fixed_list_matrix`).
 A shard whose Parquet already exists with the same cache key (input fingerprint + encoder + config) is skipped.
 """
 
@@ -10,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -20,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bicro_clean.models.encoders import Encoder, load_encoder, set_offline_env, shared_encoder
+from bicro_clean.models.tokens import TextTokens
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
 from bicro_clean.pipeline.decode import read_shard
 from bicro_clean.pipeline import resume
@@ -44,6 +48,24 @@ class Chunk:
     rows: list[dict[str, Any]]
     pixels: torch.Tensor | None  # stacked images of the ok rows whose image bytes are new in this shard, in order
     last: bool = False
+    tokens: Any = None  # the ok rows' captions tokenised in the worker (encoder.text_transform), None: none
+
+    def pin_memory(self) -> Chunk:
+        """Called by the DataLoader's pin thread when pin_memory is on (CUDA): page-locked pixels and tokens, so
+        the encoder's non_blocking copies overlap the next chunk's decode."""
+        return replace(self, pixels=_pinned(self.pixels), tokens=_pinned(self.tokens))
+
+
+def _pinned(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.pin_memory()
+    if isinstance(value, dict):
+        return {k: _pinned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_pinned(v) for v in value]
+    if isinstance(value, TextTokens):
+        return replace(value, batches=_pinned(value.batches))
+    return value
 
 
 @dataclass
@@ -80,8 +102,16 @@ def _as_text(value: Any) -> str | None:
 class ShardStream(IterableDataset):
     """Yields Chunks; each worker reads its own subset of the shards (round robin)."""
 
-    def __init__(self, shards: list[str], reader: ReaderConfig, transform, batch_size: int) -> None:
+    def __init__(self, shards: list[str], reader: ReaderConfig, transform, batch_size: int,
+                 min_side: int | None = None, tokenize=None) -> None:
         self.shards, self.reader, self.transform, self.batch_size = shards, reader, transform, batch_size
+        self.min_side = min_side  # JPEGs decode at the smallest DCT scale whose shorter side stays >= this
+        self.tokenize = tokenize  # captions -> tokens, here in the worker; None: the main process tokenises
+
+    def _chunk(self, shard: str, rows: list[dict[str, Any]], pixels: list[torch.Tensor], last: bool) -> Chunk:
+        captions = [r["caption"] for r in rows if r["status"] == "ok"]
+        tokens = self.tokenize(captions) if self.tokenize is not None and captions else None
+        return Chunk(shard, rows, torch.stack(pixels) if pixels else None, last, tokens)
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
@@ -93,7 +123,7 @@ class ShardStream(IterableDataset):
         rows: list[dict[str, Any]] = []
         pixels: list[torch.Tensor] = []
         seen: set[str] = set()  # image bytes already sent for this shard: the model runs once per distinct image
-        for item in read_shard(shard, self.reader):
+        for item in read_shard(shard, self.reader, self.min_side):
             row = _row(item)
             if isinstance(item, DecodedSample) and row["image_sha256"] not in seen:
                 try:
@@ -104,30 +134,44 @@ class ShardStream(IterableDataset):
                                image_sha256=None)
             rows.append(row)
             if len(rows) >= self.batch_size:
-                yield Chunk(shard, rows, torch.stack(pixels) if pixels else None)
+                yield self._chunk(shard, rows, pixels, last=False)
                 rows, pixels = [], []
-        yield Chunk(shard, rows, torch.stack(pixels) if pixels else None, last=True)
+        yield self._chunk(shard, rows, pixels, last=True)
 
 
 def _worker_init(_: int) -> None:
     # Each decode worker gets one thread: the main process owns the cores for the model.
     torch.set_num_threads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF tokenizers: one thread per worker too
+
+
+def decode_side(encoder: Encoder) -> int | None:
+    """Shorter side the encoder's transform needs (JPEGs decode reduced down to it); None: full-size decodes."""
+    side = getattr(encoder, "decode_side", None)
+    return int(side()) if callable(side) else None
 
 
 def embed_key(shard: str, encoder: Encoder, config: CleanConfig) -> str:
+    # the decode scale changes the pixels of large JPEGs, so it is part of what made the embeddings
     return resume.stage_key(input_fingerprint(shard), encoder.describe(), config.reader.digest(),
-                            config.embed.model_dump(exclude=resume.RUNTIME_ONLY))
+                            config.embed.model_dump(exclude=resume.RUNTIME_ONLY),
+                            {"jpeg_reduced_decode_side": decode_side(encoder)})
+
+
+STORAGE_TYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 
 
 def _embed_table(rows: list[dict[str, Any]], image_emb: np.ndarray, text_emb: np.ndarray, shard: str,
-                 dims: tuple[int, int]) -> pa.Table:
+                 dims: tuple[int, int], dtype: str = "float16") -> pa.Table:
+    """The shard's rows plus image_emb/text_emb stored as FixedSizeList(`dtype`) (config embed.dtype)."""
     ok = np.array([r["status"] == "ok" for r in rows], dtype=bool)
     columns: dict[str, Any] = {"shard": [shard] * len(rows)}
     for name in ("key", "status", "reason", "detail", "caption", "width", "height", "url", "uid", "image_sha256"):
         columns[name] = [r[name] for r in rows]
     table = pa.table(columns, schema=_base_schema())
+    value_type = STORAGE_TYPES[dtype][1]
     for name, emb, dim in (("image_emb", image_emb, dims[0]), ("text_emb", text_emb, dims[1])):
-        table = table.append_column(pa.field(name, pa.list_(pa.float32(), dim)), _fixed_list(emb, ok, dim))
+        table = table.append_column(pa.field(name, pa.list_(value_type, dim)), _fixed_list(emb, ok, dim, dtype))
     return table
 
 
@@ -138,11 +182,13 @@ def _base_schema() -> pa.Schema:
                       ("image_sha256", pa.string())])
 
 
-def _fixed_list(emb: np.ndarray, ok: np.ndarray, dim: int) -> pa.FixedSizeListArray:
-    """Fixed-size list column with nulls on error rows (Polars reads it as Array(Float32, dim))."""
-    full = np.zeros((len(ok), dim), dtype=np.float32)
+def _fixed_list(emb: np.ndarray, ok: np.ndarray, dim: int, dtype: str = "float16") -> pa.FixedSizeListArray:
+    """Fixed-size list column with nulls on error rows (Polars reads it as Array(Float16 or Float32, dim)).
+    float16 rounds each float32 value to nearest (numpy's cast), the same bytes on every machine."""
+    np_type, value_type = STORAGE_TYPES[dtype]
+    full = np.zeros((len(ok), dim), dtype=np_type)
     full[ok] = emb
-    values = pa.array(full.reshape(-1), type=pa.float32())
+    values = pa.array(full.reshape(-1), type=value_type)
     return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~ok))
 
 
@@ -183,7 +229,12 @@ def _encode_chunk(encoder: Encoder, chunk: Chunk, acc: _ShardAccumulator,
         acc.by_digest.update(zip(fresh, new))
     image = np.stack([acc.by_digest[r["image_sha256"]] for r in ok_rows]) if ok_rows else np.zeros((0, encoder.image_dim), np.float32)
     t1 = time.perf_counter()
-    text = encoder.encode_texts(captions).numpy() if captions else np.zeros((0, encoder.text_dim), np.float32)
+    if chunk.tokens is not None:  # tokenised in the worker: the same tokens encode_texts would make here
+        text = encoder.encode_tokens(chunk.tokens).numpy()
+        if len(text) != len(captions):
+            raise RuntimeError(f"{chunk.shard}: {len(text)} caption embeddings for {len(captions)} captions")
+    else:
+        text = encoder.encode_texts(captions).numpy() if captions else np.zeros((0, encoder.text_dim), np.float32)
     timings.image_model_s += t1 - t0
     timings.text_model_s += time.perf_counter() - t1
     return image, text
@@ -194,7 +245,7 @@ def _write_shard(acc: _ShardAccumulator, shard: str, path: str, key: str, encode
     dims = (encoder.image_dim, encoder.text_dim)
     image = np.concatenate(acc.image) if acc.image else np.zeros((0, dims[0]), np.float32)
     text = np.concatenate(acc.text) if acc.text else np.zeros((0, dims[1]), np.float32)
-    table = _embed_table(acc.rows, image, text, shard, dims)
+    table = _embed_table(acc.rows, image, text, shard, dims, config.embed.dtype)
     reasons = _reason_counts(acc.rows)
     meta = {"stage": "embed", resume.KEY: key, "encoder": encoder.describe(), "shard": shard,
             "config_hash": config.embed.digest(), "reader_hash": config.reader.digest(),
@@ -220,12 +271,20 @@ def _cached_result(shard: str, path: str) -> ShardResult:
 
 def _loader(shards: list[str], encoder: Encoder, config: CleanConfig) -> DataLoader:
     workers = min(config.embed.num_workers, len(shards))
-    stream = ShardStream(shards, config.reader, encoder.image_transform(), config.embed.batch_size)
+    tokenize = encoder.text_transform() if hasattr(encoder, "text_transform") else None
+    stream = ShardStream(shards, config.reader, encoder.image_transform(), config.embed.batch_size,
+                         decode_side(encoder), tokenize)
     # Own generator: DataLoader otherwise draws its worker base seed from torch's global RNG, which would
     # disturb a seeded model init running in another thread of the same process (and vice versa).
     return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
                       prefetch_factor=4 if workers else None, persistent_workers=False,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0), pin_memory=pins_memory(encoder))
+
+
+def pins_memory(encoder: Encoder) -> bool:
+    """Page-locked chunks only for a CUDA encoder (pinning needs CUDA; on CPU it would be a wasted copy)."""
+    device = getattr(encoder, "device", None)
+    return isinstance(device, torch.device) and device.type == "cuda" and torch.cuda.is_available()
 
 
 def _prepare_process(config: CleanConfig) -> None:

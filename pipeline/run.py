@@ -10,6 +10,7 @@ reads and writes are the same for both. Each stage skips work whose output alrea
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Protocol, TypeVar
 
 from bicro_clean.pipeline import select
@@ -58,24 +59,47 @@ def report_stage(config: CleanConfig, manifest_path: str) -> str:
     return write_report(config, manifest_path)
 
 
+class StageClock:
+    """Wall seconds per stage, measured around each executor call (so on Prefect/Dask they include scheduling)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str, run: Callable[..., T], *args: Any) -> T:
+        start = time.perf_counter()
+        try:
+            return run(*args)
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def summary(self) -> dict[str, Any]:
+        return {"stage_seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+                "total_seconds": round(time.perf_counter() - self.started, 2)}
+
+
 def run_stages(config: CleanConfig, executor: Executor,
                report: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The whole run on `executor`: the summary (counts, paths, shards reused from an earlier run) and each
-    shard's write summary. `report=False` leaves out report.html (the load test measures the data path alone)."""
+    """The whole run on `executor`: the summary (counts, paths, shards reused from an earlier run, each stage's
+    wall seconds `stage_seconds` and the run's `total_seconds`) and each shard's write summary. `report=False`
+    leaves out report.html (the load test measures the data path alone)."""
+    clock = StageClock()
     select.check_select(config)
     shards = input_shards(config)
     logger.info("run: %d input shards -> %s", len(shards), config.output)
-    batches = executor.map(embed_stage, executor.shard_batches(shards), config)
+    batches = clock("embed", executor.map, embed_stage, executor.shard_batches(shards), config)
     embedded = [path for batch in batches for path in batch]
     select.check_select(config, run_encoder(embedded))
-    checkpoint = executor.call(fit_stage, config, embedded)
-    scores = executor.map(score_stage, shards, config, checkpoint)
-    run_wide = executor.call(select.run_wide_values, config, embedded, scores)
-    written = executor.map(write_stage, shards, config, run_wide)
-    manifest = executor.call(finalize_stage, config, [shard_id(s) for s in shards], checkpoint)
-    report_path = executor.call(report_stage, config, manifest) if report else None
+    checkpoint = clock("fit", executor.call, fit_stage, config, embedded)
+    scores = clock("score", executor.map, score_stage, shards, config, checkpoint)
+    run_wide = clock("run_wide", executor.call, select.run_wide_values, config, embedded, scores)
+    written = clock("write", executor.map, write_stage, shards, config, run_wide)
+    manifest = clock("finalize", executor.call, finalize_stage, config, [shard_id(s) for s in shards], checkpoint)
+    report_path = clock("report", executor.call, report_stage, config, manifest) if report else None
     summary = {"output": config.output, "manifest": manifest, "checkpoint": checkpoint, "report": report_path,
-               "shards": len(written), "cached_shards": sum(w["cached"] for w in written), **total_counts(written)}
+               "shards": len(written), "cached_shards": sum(w["cached"] for w in written), **total_counts(written),
+               **clock.summary()}
+    logger.info("run: stage seconds %s", summary["stage_seconds"])
     return summary, written
 
 

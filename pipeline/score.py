@@ -40,7 +40,7 @@ from bicro_clean.pipeline.shards import shard_id
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILES = ("tensors.safetensors", "model.json")  # what BiCroModel.save writes; model.json last
-BATCH_ROWS = 4096
+BATCH_ROWS = 4096  # rows per Parquet batch for a model that does not say (BiCroModel.score_batch_rows does)
 FLOAT_SCORES = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score")
 ANCHOR_COLUMNS = {"anchor_key_i2t": "anchor_for_image", "anchor_key_t2i": "anchor_for_text"}
 BASE_COLUMNS = ("shard", "key", "status", "reason", "detail", "caption", "width", "height", "url", "uid")
@@ -98,12 +98,14 @@ def load_model(checkpoint_path: str) -> Any:
 
 
 def fixed_list_matrix(column: pa.Array) -> np.ndarray:
-    """(rows, dim) float32 view of a FixedSizeList column; null rows come back as whatever the slots hold."""
+    """(rows, dim) float32 matrix of a FixedSizeList column, whatever its stored float type (embed.dtype float16 or
+    float32; a float32 column comes back as a zero-copy view); null rows hold whatever the slots hold."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     dim = column.type.list_size
     flat = column.values.to_numpy(zero_copy_only=False)
-    return flat[column.offset * dim:(column.offset + len(column)) * dim].reshape(len(column), dim)
+    rows = flat[column.offset * dim:(column.offset + len(column)) * dim].reshape(len(column), dim)
+    return rows.astype(np.float32, copy=False)
 
 
 def _anchor_names(model: Any, index: np.ndarray) -> list[str | None]:
@@ -148,8 +150,17 @@ def _batch_table(batch: pa.RecordBatch, scores: dict[str, Any]) -> pa.Table:
     return pa.Table.from_arrays([a.cast(f.type) for a, f in zip(arrays, schema)], schema=schema)
 
 
-def score_embeddings(model: Any, embedding_path: str, aligned: bool, batch_rows: int = BATCH_ROWS) -> pa.Table:
-    """Score every row of one embeddings Parquet, reading `batch_rows` rows at a time."""
+def batch_rows_for(model: Any) -> int:
+    """Rows per Parquet batch: the model's own size (4,096 on the CPU, 65,536 on CUDA), else BATCH_ROWS.
+
+    Scores never depend on the batch (BiCroModel.score works on fixed-shape chunks), only time and memory do."""
+    rows = getattr(model, "score_batch_rows", None)
+    return int(rows) if isinstance(rows, int) and rows > 0 else BATCH_ROWS
+
+
+def score_embeddings(model: Any, embedding_path: str, aligned: bool, batch_rows: int | None = None) -> pa.Table:
+    """Score every row of one embeddings Parquet, reading `batch_rows` rows at a time (default: the model's)."""
+    batch_rows = batch_rows or batch_rows_for(model)
     columns = list(BASE_COLUMNS) + ["image_emb", "text_emb"]
     parts = []
     with fsspec.open(embedding_path, "rb") as fh:
@@ -165,8 +176,13 @@ def encoder_info(embedding_path: str) -> dict[str, Any]:
     return meta
 
 
+# Bumped when the same checkpoint and embeddings score differently (2: the "pca" anchor search on the CPU), so a
+# rerun recomputes scores files made by the older scoring instead of reusing them.
+SCORING_VERSION = 2
+
+
 def score_key(embedding_meta: dict[str, Any], checkpoint_sha: str) -> str:
-    return resume.stage_key(embedding_meta.get(resume.KEY), checkpoint_sha, package_version())
+    return resume.stage_key(embedding_meta.get(resume.KEY), checkpoint_sha, package_version(), SCORING_VERSION)
 
 
 @functools.lru_cache(maxsize=2)

@@ -63,9 +63,9 @@ def bicro_json(scores: dict[str, list], row: int, key: str, new_key: str) -> dic
     return out
 
 
-def _truth_clean(sample: RawSample) -> bool | None:
+def _truth_clean(doc: dict[str, Any]) -> bool | None:
     """Ground truth from benchmark shards (make-shards --noise-rate), passed through for evaluation."""
-    value = json_object(sample.members.get("json")).get("truth_clean")
+    value = doc.get("truth_clean")
     return value if isinstance(value, bool) else None
 
 
@@ -84,11 +84,12 @@ def copy_kept(shard: str, reader: ReaderConfig, table: pa.Table, plan: dict[str,
         if row >= len(keys) or item.key != keys[row] or (decision[row] == select.KEEP and not raw):
             raise RuntimeError(f"{shard}: item {row} ({item.key!r}) does not match its embeddings; re-embed")
         if raw:
-            plan["truth_clean"][row] = _truth_clean(item)
+            doc = json_object(item.members.get("json"))  # parsed once: truth_clean here, the kept copy below
+            plan["truth_clean"][row] = _truth_clean(doc)
         if decision[row] == select.KEEP:
             new_key = plan["output_key"][row]
             members = sample_members(item.key, item.members, item.names, new_key,
-                                     bicro_json(scores, row, item.key, new_key))
+                                     bicro_json(scores, row, item.key, new_key), doc)
             renamed = {"shard": shard, "key": item.key, "output_key": new_key} if new_key != item.key else None
             plan["output_shard"][row] = writer.add(members, renamed)
         writer.note(reason[row])
@@ -129,8 +130,11 @@ def _remove_stale_tars(config: CleanConfig, sid: str, keep: set[str]) -> None:
                 fs.rm(path)
 
 
-def output_entry(config: CleanConfig, path: str, kind: str, count: int | None) -> dict[str, Any]:
-    return {"path": relative(config.output, path), "kind": kind, "count": count, "sha256": file_sha256(path)}
+def output_entry(config: CleanConfig, path: str, kind: str, count: int | None,
+                 sha256: str | None = None) -> dict[str, Any]:
+    """`sha256`: the file's hash when its writer took it on the way out (the tars), else the file is read."""
+    return {"path": relative(config.output, path), "kind": kind, "count": count,
+            "sha256": sha256 or file_sha256(path)}
 
 
 def _counts(plan: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +184,7 @@ def _write_outputs(config: CleanConfig, shard: str, sid: str, table: pa.Table, p
     outputs = [output_entry(config, paths[0], "annotated", annotated.num_rows),
                output_entry(config, paths[1], "filtered", kept_rows(annotated).num_rows)]
     for tar in tars:
-        outputs.append(output_entry(config, tar.path, "tar", tar.successes))
+        outputs.append(output_entry(config, tar.path, "tar", tar.successes, tar.sha256))
         outputs.append(output_entry(config, tar.path[:-len(".tar")] + "_stats.json", "stats", tar.count))
     return outputs
 

@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 TAR_BLOCK = tarfile.BLOCKSIZE
 TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks close an archive
+TAR_RECORD = tarfile.RECORDSIZE  # tarfile pads a closed archive to whole records (like `tar -b20`)
 BICRO_JSON_KEY = "bicro"
+_PAX_ARGS = (tarfile.PAX_FORMAT, "utf-8", "surrogateescape")  # what tarfile.open(format=PAX_FORMAT) writes with
 
 
 # ---------------------------------------------------------------- tar members
@@ -46,19 +48,66 @@ def tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+class _UstarTemplate:
+    """tarfile's header for a member whose name and size need no PAX record, filled in by formatting.
+
+    tarfile.TarInfo.tobuf costs ~13 us a member (it was most of the write stage's time): for these members the
+    block is tarfile's own header for ("", 0) with only the name, size and checksum slots differing, so it is
+    taken from tarfile once and checked against tarfile on probes; a Python whose tarfile differs fails the
+    check and every header is then built by tarfile itself.
+    """
+
+    NAME, SIZE_END, CHKSUM, CHKSUM_END = 100, 136, 148, 155  # slot offsets in the 512-byte block
+
+    def __init__(self) -> None:
+        blank = tar_info("", 0).tobuf(*_PAX_ARGS)
+        self.mid, self.mtime, self.tail = blank[self.NAME:124], blank[self.SIZE_END:self.CHKSUM], \
+            blank[self.CHKSUM_END:]
+        # the checksum counts its own slot as 8 spaces (256); the rest is constant but for name and size
+        self.base = 256 + sum(self.mid) + sum(self.mtime) + sum(blank[self.CHKSUM + 8:])
+
+    def header(self, name: str, size: int) -> bytes:
+        raw, digits = name.encode("ascii"), b"%011o\0" % size
+        chksum = self.base + sum(raw) + sum(digits)
+        return b"".join((raw.ljust(self.NAME, b"\0"), self.mid, digits, self.mtime, b"%06o\0" % chksum, self.tail))
+
+    def matches_tarfile(self) -> bool:
+        probes = [("", 0), ("a", 1), ("00000/000000001.jpg", 123_456), ("x" * 100, 8**11 - 1), ("k\0.txt", 512)]
+        return all(self.header(n, s) == tar_info(n, s).tobuf(*_PAX_ARGS) for n, s in probes)
+
+
+def _ustar_template() -> _UstarTemplate | None:
+    template = _UstarTemplate()
+    return template if template.matches_tarfile() else None
+
+
+_USTAR = _ustar_template()
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The member's header block(s) exactly as tarfile writes them in PAX format.
+
+    tarfile adds a PAX record for a name that is not ASCII or longer than 100 characters, or a size of 8 GiB or
+    more; those (rare) go through tarfile, every other one through the template.
+    """
+    if _USTAR is not None and len(name) <= _USTAR.NAME and size < 8**11 and name.isascii():
+        return _USTAR.header(name, size)
+    return tar_info(name, size).tobuf(*_PAX_ARGS)
+
+
 def member_bytes(name: str, size: int) -> int:
     """Exact bytes a member takes in a PAX tar: its header(s) plus the data padded to whole blocks."""
-    header = len(tar_info(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-    return header + -(-size // TAR_BLOCK) * TAR_BLOCK
+    return len(tar_header(name, size)) + -(-size // TAR_BLOCK) * TAR_BLOCK
 
 
-def json_with_scores(raw: bytes | None, scores: dict[str, Any]) -> bytes:
+def json_with_scores(raw: bytes | None, scores: dict[str, Any], doc: dict[str, Any] | None = None) -> bytes:
     """The sample's JSON with `scores` under "bicro"; its other fields and their order are kept.
 
     Only kept samples get here, and the reader turns a JSON that is not an object into an invalid_json error,
-    so parsing cannot lose anything.
+    so parsing cannot lose anything. `doc`: `json_object(raw)` when the caller parsed it already (it gets the
+    scores in place).
     """
-    doc = json_object(raw)
+    doc = json_object(raw) if doc is None else doc
     doc[BICRO_JSON_KEY] = scores
     try:
         return json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
@@ -82,20 +131,37 @@ def renamed_member(name: str, key: str, new_key: str) -> str:
 
 
 def sample_members(key: str, members: dict[str, bytes], names: dict[str, str], new_key: str,
-                   scores: dict[str, Any]) -> list[tuple[str, bytes]]:
-    """(member name, bytes) of one kept sample: every member byte for byte, except the JSON gets scores."""
+                   scores: dict[str, Any], doc: dict[str, Any] | None = None) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of one kept sample: every member byte for byte, except the JSON gets scores.
+
+    `doc`: `json_object(members.get("json"))` when the caller parsed it already (the write stage reads its
+    truth_clean from every sample), so it is not parsed twice.
+    """
     out = []
     for ext, data in members.items():
         name = names.get(ext, f"{key}.{ext}")
         if new_key != key:
             name = renamed_member(name, key, new_key)
-        out.append((name, json_with_scores(data, scores) if ext == "json" else data))
+        out.append((name, json_with_scores(data, scores, doc) if ext == "json" else data))
     if "json" not in members:
-        out.append((f"{new_key}.json", json_with_scores(None, scores)))
+        out.append((f"{new_key}.json", json_with_scores(None, scores, doc)))
     return out
 
 
 # ---------------------------------------------------------------- sharded tar writer
+
+
+def sample_blob(members: list[tuple[str, bytes]]) -> bytes:
+    """One sample's members as tar bytes: each member's header, its data, zero padding to a whole block."""
+    parts = []
+    for name, data in members:
+        parts += (tar_header(name, len(data)), data, bytes(-len(data) % TAR_BLOCK))
+    return b"".join(parts)
+
+
+def tar_end(payload: int) -> bytes:
+    """What tarfile.close writes after `payload` member bytes: two zero blocks, then zeros to a whole record."""
+    return bytes(TAR_END + -(payload + TAR_END) % TAR_RECORD)
 
 
 class _HashingSink:
@@ -147,15 +213,13 @@ class ShardedTarWriter:
     def _open_next(self) -> None:
         self.current = OutputShard(f"{self.prefix}-{len(self.done):05d}")
         self.current.path = join(self.out_dir, f"{self.current.name}.tar")
-        self._payload = 0
+        self._payload = 0  # bytes of members in the open tar: its write offset
         self._stack = ExitStack()
         tmp = self._stack.enter_context(atomic_output(self.current.path))
         self._sink = _HashingSink(self._stack.enter_context(fsspec.open(tmp, "wb")))
-        self._tar = self._stack.enter_context(tarfile.open(fileobj=self._sink, mode="w|",
-                                                           format=tarfile.PAX_FORMAT, encoding="utf-8"))
 
     def _close_current(self) -> None:
-        self._tar.close()  # writes the end blocks before the sink's totals are read
+        self._sink.write(tar_end(self._payload))
         self.current.sha256, self.current.bytes = self._sink.sha.hexdigest(), self._sink.size
         self._stack.close()  # closes the file and renames the temp file into place
         self.done.append(self.current)
@@ -163,7 +227,6 @@ class ShardedTarWriter:
     def _fits(self, size: int) -> bool:
         if self.current.successes == 0:
             return True  # a sample larger than maxsize still gets written, alone in its tar
-        # own tally, not the sink's: stream-mode tarfile buffers, so the sink lags behind
         within_size = self._payload + size + TAR_END <= self.maxsize
         return self.current.successes < self.maxcount and within_size
 
@@ -174,33 +237,20 @@ class ShardedTarWriter:
     def add(self, members: list[tuple[str, bytes]], renamed: dict[str, str] | None = None) -> str:
         """Append one sample's members; returns the output shard name it went to.
 
-        Each member's PAX header is built once, both to size the sample and to write it: header building was
-        most of the write stage's time (docs/benchmarks.md), and tarfile.addfile would build it a second time.
+        The tar is written directly, as tarfile's stream mode would write it (header, data, zero padding to a
+        block per member; `tar_end` at close): tarfile's per-member machinery was most of the write stage's
+        time (docs/benchmarks.md). One write per sample keeps the hashing sink's per-call cost low.
         """
-        headers = [tar_info(name, len(data)).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-                   for name, data in members]
-        size = sum(len(h) + -(-len(d) // TAR_BLOCK) * TAR_BLOCK for h, (_, d) in zip(headers, members))
-        if not self._fits(size):
+        blob = sample_blob(members)
+        if not self._fits(len(blob)):
             self._close_current()
             self._open_next()
-        self._payload += size
-        for header, (_, data) in zip(headers, members):
-            self._write_member(header, data)
+        self._payload += len(blob)
+        self._sink.write(blob)
         self.current.successes += 1
         if renamed:
             self.current.renamed.append(renamed)
         return self.current.name
-
-    def _write_member(self, header: bytes, data: bytes) -> None:
-        """What tarfile.addfile writes for a member (header, data, zero padding to a block), minus re-building
-        the header; the offset is kept in step so tarfile's own end-of-archive blocks land right."""
-        stream = self._tar.fileobj
-        stream.write(header)
-        stream.write(data)
-        pad = -len(data) % TAR_BLOCK
-        if pad:
-            stream.write(tarfile.NUL * pad)
-        self._tar.offset += len(header) + len(data) + pad
 
     def abort(self) -> None:
         """Drop the open tar's temp file (an exception in the caller must not publish a partial shard)."""

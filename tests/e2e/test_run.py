@@ -136,7 +136,8 @@ def test_changed_output_settings_redo_shards_and_remove_stale_tars(run, shard_di
     assert summary["cached_shards"] == 0
     assert len(list((copy / "shards").glob("*.tar"))) == 4  # one per input shard, stale -00001.tar removed
     annotated = pl.read_parquet(str(copy / "annotated" / "*.parquet"))
-    assert annotated.schema["image_emb"] == pl.Array(pl.Float32, 64)
+    # the embeddings as stored (embed.dtype, float16 by default)
+    assert annotated.schema["image_emb"] == pl.Array(pl.Float16, 64)
 
 
 class _FakeModel:

@@ -65,12 +65,19 @@ def test_flow_on_threads_matches_plain_stages(tiny_shards, tmp_path, reference, 
 
 
 @pytest.mark.slow
-def test_flow_on_dask_local_cluster_matches_local(tiny_shards, tmp_path, reference, prefect_home):
-    from bicro_clean.flows.clean_shards import run_flow
+def test_flow_on_dask_local_cluster_matches_local(tiny_shards, tmp_path, reference, prefect_home, monkeypatch):
+    """2 Dask worker processes (LocalCluster n_workers=2), each streaming its half of the shards through one embed
+    task: byte-identical to the plain stages."""
+    from bicro_clean.flows.clean_shards import PrefectTasks, run_flow
 
+    batches = []
+    plan = PrefectTasks.shard_batches
+    monkeypatch.setattr(PrefectTasks, "shard_batches", lambda self, shards: batches.extend(plan(self, shards)) or
+                        batches)
     config = CleanConfig.model_validate({**_params(tiny_shards, tmp_path),
                                          "runner": {"kind": "dask", "workers": 2}})
     run_flow(config)
+    assert [len(batch) for batch in batches] == [2, 2]  # one stream per worker the cluster reported
     assert _hashes(tmp_path) == reference
 
 
@@ -154,3 +161,118 @@ def test_bad_config_is_rejected_before_any_work(tmp_path):
         CleanConfig.model_validate({"output": str(tmp_path)})
     assert not any(tmp_path.iterdir())
     assert shutil.which("prefect", path=str(BIN)), "prefect CLI is installed with the package"
+
+
+# ------------------------------------------------------------------ scale-out: batches, workers, task arguments
+
+
+def test_embed_batches_are_one_contiguous_stream_per_worker():
+    from bicro_clean.flows.clean_shards import PrefectTasks, split_even
+
+    shards = [f"s{i}.tar" for i in range(7)]
+    assert PrefectTasks(2).shard_batches(shards) == [shards[:4], shards[4:]]
+    assert [len(b) for b in PrefectTasks(3).shard_batches(shards)] == [3, 2, 2]
+    assert PrefectTasks(10).shard_batches(shards[:3]) == [[s] for s in shards[:3]]
+    assert split_even(shards, 1) == [shards]
+    for parts in range(1, 9):
+        assert [s for batch in split_even(shards, parts) for s in batch] == shards  # order kept
+
+
+def test_worker_count_follows_the_cluster():
+    from bicro_clean.flows.runners import worker_count
+    from bicro_clean.pipeline.config import RunnerConfig
+
+    class Client:
+        def __init__(self, n):
+            self.n = n
+
+        def nthreads(self):
+            return {f"tcp://w{i}": 1 for i in range(self.n)}
+
+    class DaskLike:
+        def __init__(self, n):
+            self.client = Client(n)
+
+    assert worker_count(RunnerConfig(kind="dask", workers=2), DaskLike(8)) == 8  # e.g. one per GPU
+    assert worker_count(RunnerConfig(kind="dask", workers=3), DaskLike(0)) == 3  # workers not up yet
+    assert worker_count(RunnerConfig(kind="local", workers=4), object()) == 4
+    assert worker_count(RunnerConfig(kind="dask", workers=2)) == 2  # outside a flow
+
+
+def test_cuda_cluster_option_builds_a_local_cuda_cluster_runner(monkeypatch):
+    """The wiring only: a stand-in dask_cuda module, no cluster started, no CUDA touched."""
+    import types
+
+    from prefect_dask import DaskTaskRunner
+
+    from bicro_clean.flows.runners import task_runner_for
+    from bicro_clean.pipeline.config import RunnerConfig
+
+    fake = types.ModuleType("dask_cuda")
+
+    class LocalCUDACluster:  # never instantiated here
+        pass
+
+    fake.LocalCUDACluster = LocalCUDACluster
+    monkeypatch.setitem(sys.modules, "dask_cuda", fake)
+    runner = task_runner_for(RunnerConfig(kind="dask", cuda_cluster=True, workers=2))
+    assert isinstance(runner, DaskTaskRunner) and runner.address is None
+    assert runner.resolved_cluster_class is LocalCUDACluster
+    assert runner.cluster_kwargs == {"threads_per_worker": 1}  # n_workers: one per visible GPU, dask-cuda's default
+    plain = task_runner_for(RunnerConfig(kind="dask", workers=2))
+    assert plain.cluster_kwargs["n_workers"] == 2 and plain.resolved_cluster_class.__name__ == "LocalCluster"
+
+
+def test_cuda_cluster_without_the_extra_or_outside_dask_is_a_clear_error(monkeypatch):
+    from pydantic import ValidationError
+
+    from bicro_clean.flows.runners import task_runner_for
+    from bicro_clean.pipeline.config import RunnerConfig
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails as if not installed
+    with pytest.raises(RuntimeError, match=r"pip install 'bicro-clean\[gpu\]'"):
+        task_runner_for(RunnerConfig(kind="dask", cuda_cluster=True))
+    with pytest.raises(ValidationError, match="cuda_cluster"):
+        RunnerConfig(kind="local", cuda_cluster=True)
+    with pytest.raises(ValidationError, match="cuda_cluster"):
+        RunnerConfig(kind="dask", cuda_cluster=True, dask_address="tcp://h:8786")
+
+
+def _small(value) -> bool:
+    """What may travel into a task: paths, configs, run-wide values and small containers of them, never a model,
+    tensor or array."""
+    from bicro_clean.pipeline.select import RunWide
+
+    if isinstance(value, (str, int, float, bool, type(None), CleanConfig, RunWide)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_small(v) for v in value)
+    if isinstance(value, dict):
+        return all(_small(v) for v in value.values())
+    return False
+
+
+def test_tasks_get_paths_and_configs_only_and_the_summary_times_each_stage(tiny_shards, tmp_path):
+    from bicro_clean.pipeline.run import InProcess, run_stages
+
+    seen = []
+
+    class Recording(InProcess):
+        def map(self, stage, items, *shared):
+            seen.append((stage.__name__, [items, *shared]))
+            return super().map(stage, items, *shared)
+
+        def call(self, stage, *args):
+            seen.append((stage.__name__, list(args)))
+            return super().call(stage, *args)
+
+    summary, _ = run_stages(CleanConfig.model_validate(_params(tiny_shards, tmp_path)), Recording())
+    assert [name for name, _ in seen] == ["embed_stage", "fit_stage", "score_stage", "run_wide_values",
+                                          "write_stage", "finalize_stage", "report_stage"]
+    for name, args in seen:
+        assert _small(args), (name, [type(a) for a in args])
+    stages = summary["stage_seconds"]
+    assert list(stages) == ["embed", "fit", "score", "run_wide", "write", "finalize", "report"]
+    assert all(isinstance(s, float) and s >= 0 for s in stages.values())
+    assert summary["total_seconds"] >= sum(stages.values()) - 0.05
+    assert summary["in"] == summary["kept"] + summary["dropped"] + summary["errors"]

@@ -18,10 +18,10 @@ def _offline():
 
 
 @pytest.mark.parametrize(
-    "spec, dims, aligned",
-    [("tiny", (64, 64), True), ("towers", (1280, 384), False), ("open_clip:bicro-tiny", (64, 64), True)],
+    "spec, dims, aligned, side",
+    [("tiny", (64, 64), True, 64), ("towers", (1280, 384), False, 224), ("open_clip:bicro-tiny", (64, 64), True, 64)],
 )
-def test_encoder_outputs_are_normalised_float32(spec, dims, aligned):
+def test_encoder_outputs_are_normalised_float32(spec, dims, aligned, side):
     if spec.startswith("open_clip"):
         load_encoder("tiny", "cpu")  # registers the tiny config that open_clip:bicro-tiny names
     encoder = load_encoder(spec, "cpu")
@@ -33,6 +33,20 @@ def test_encoder_outputs_are_normalised_float32(spec, dims, aligned):
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(3))
     assert encoder.aligned is aligned
     assert encoder.describe()["image_dim"] == dims[0]
+    assert encoder.decode_side() == side  # JPEGs may decode reduced, never below this shorter side
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
+def test_transform_side_never_lets_a_transform_upsample(mode):
+    import open_clip
+
+    from bicro_clean.models.encoders import transform_side
+
+    transform = open_clip.image_transform(256, is_train=False, resize_mode=mode)
+    side = transform_side(transform, 224)
+    assert side == 256
+    for size in [(side, side), (side, 3 * side), (5 * side, side)]:  # the shorter side at `side`: no upsampling
+        assert transform(Image.new("RGB", size)).shape == (3, 256, 256)
 
 
 def test_towers_text_embeddings_are_semantic():
@@ -86,3 +100,28 @@ def test_tiny_config_registration_leaves_no_temp_folder(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
     assert list(tmp_path.glob("bicro-tiny-*")) == []  # (torch may leave its own torchinductor_* here)
+
+
+def test_towers_worker_tokens_give_exactly_the_sentence_transformers_embeddings():
+    import pickle
+
+    import torch.nn.functional as F
+
+    encoder = load_encoder("towers", "cpu")
+    texts = ["a dog runs", "two people walk on a long sandy beach at sunset", "x", "a dog runs", "", "\u00e9t\u00e9 ok"]
+    want = F.normalize(encoder.text_model.encode(texts, batch_size=4, convert_to_tensor=True,
+                                                 show_progress_bar=False).float(), dim=-1)
+    encoder.text_batch_size = 4  # two model batches, like a chunk larger than the text batch
+    assert torch.equal(encoder.encode_texts(texts), want)
+    spawned = pickle.loads(pickle.dumps(encoder.text_transform()))  # what a spawn/forkserver worker gets
+    assert spawned.model is None and spawned.path == encoder.text_path
+    assert torch.equal(encoder.encode_tokens(spawned(texts)), want)
+
+
+def test_open_clip_worker_tokens_match_encode_texts():
+    import pickle
+
+    encoder = load_encoder("tiny", "cpu")
+    texts = ["a dog runs", "two people on a beach", "x"]
+    tokenize = pickle.loads(pickle.dumps(encoder.text_transform()))
+    assert torch.equal(encoder.encode_tokens(tokenize(texts)), encoder.encode_texts(texts))

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 import torch
 
-from bicro_clean.models.forward import CHUNK, dense_ids, embed_rows, row_hashes
+from bicro_clean.models.forward import CHUNK, dense_ids, embed_rows, row_hashes, unique_rows
 from bicro_clean.models.losses import bank_mean_hinge, hardest_triplet, mean_triplet, small_loss_mean, soft_margin
 from bicro_clean.models.matcher import Matcher
 from bicro_clean.models.mixture import Mixture, fit_mixture, normalise_losses
@@ -43,6 +43,10 @@ class PairData:
     text_hash: np.ndarray  # (N,) int64
     image_group: torch.Tensor  # (N,) dense ids of identical image rows, on device
     text_group: torch.Tensor  # (N,)
+    # distinct rows of the frozen inputs (first row, inverse map; forward.unique_rows), found once: every division
+    # embeds only the distinct rows, without hashing every input row again
+    image_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    text_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, image: np.ndarray, text: np.ndarray, device: str | torch.device) -> "PairData":
@@ -58,6 +62,8 @@ class PairData:
             text_hash=th,
             image_group=torch.from_numpy(dense_ids(ih)).to(device),
             text_group=torch.from_numpy(dense_ids(th)).to(device),
+            image_rows=unique_rows(ih, device),
+            text_rows=unique_rows(th, device),
         )
 
     def __len__(self) -> int:
@@ -76,11 +82,17 @@ class PairData:
 
 
 @torch.no_grad()
-def embed_pairs(net: Matcher, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_pairs(
+    net: Matcher,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    groups: tuple[tuple[torch.Tensor, torch.Tensor] | None, tuple[torch.Tensor, torch.Tensor] | None] = (None, None),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both heads over their distinct input rows; `groups` = known (image, text) unique_rows (None: hash here)."""
     was_training = net.training
     net.eval()
-    img = embed_rows(net.embed_images, image)
-    txt = embed_rows(net.embed_texts, text)
+    img = embed_rows(net.embed_images, image, groups=groups[0])
+    txt = embed_rows(net.embed_texts, text, groups=groups[1])
     net.train(was_training)
     return img, txt
 
@@ -120,8 +132,9 @@ def bank_losses(
     alpha: float,
 ) -> np.ndarray:
     """Per-pair mean-over-negatives hinge against the bank (float64 numpy)."""
-    bank_img, bank_txt = embed_pairs(net, bank.image, bank.text)
     dev = img_emb.device
+    bank_groups = (unique_rows(bank.image_hash, dev), unique_rows(bank.text_hash, dev))
+    bank_img, bank_txt = embed_pairs(net, bank.image, bank.text, bank_groups)
     bih = torch.from_numpy(bank.image_hash).to(dev)
     bth = torch.from_numpy(bank.text_hash).to(dev)
     ih = torch.from_numpy(np.asarray(image_hash)).to(dev)
@@ -162,7 +175,7 @@ class Division:
 def divide(
     net: Matcher, data: PairData, bank: NegativeBank, alpha: float, kind: str, iterations: int, seed: int
 ) -> Division:
-    img, txt = embed_pairs(net, data.image, data.text)
+    img, txt = embed_pairs(net, data.image, data.text, (data.image_rows, data.text_rows))
     losses = bank_losses(net, img, txt, data.image_hash, data.text_hash, bank, alpha)
     lo, hi = float(losses.min()), float(losses.max())
     x = normalise_losses(losses, lo, hi)
@@ -226,6 +239,15 @@ def torch_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(old_faiss)
 
 
+def make_adamw(net: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused (one pass over each parameter) where torch has the kernel (CPU and CUDA).
+
+    The default single-tensor CPU AdamW makes ~10 passes over the 2.9M head parameters per step: on 2 cores that
+    cost 2.8x the fused step (~40 % of a training step's time, forward + backward included)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
 class CoTrainer:
     """Two matchers, their optimisers and batch-order generators."""
 
@@ -244,7 +266,7 @@ class CoTrainer:
             if not aligned:
                 net.standardise_inputs(data.image, data.text)
             self.nets.append(net)
-            self.opts.append(torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
+            self.opts.append(make_adamw(net, cfg, self.device))
             self.gens.append(torch.Generator().manual_seed(seed * 7_919 + 13 * k + 5))
 
     def set_epoch(self, epoch: int) -> None:

@@ -29,12 +29,16 @@ def dense_ids(hashes: np.ndarray) -> np.ndarray:
     return np.unique(hashes, return_inverse=True)[1].astype(np.int64)
 
 
+def unique_rows(hashes: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """First row of each distinct row hash (in hash order) and the inverse map, as tensors on `device`."""
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    return torch.from_numpy(first).to(device), torch.from_numpy(inverse.astype(np.int64).reshape(-1)).to(device)
+
+
 def _unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """First row of each distinct row (by exact bytes, in hash order) and the inverse map; lets 30k pairs embed
     only their ~6k distinct images."""
-    arr = np.ascontiguousarray(x.detach().cpu().numpy())
-    _, first, inverse = np.unique(row_hashes(arr), return_index=True, return_inverse=True)
-    return torch.from_numpy(first).to(x.device), torch.from_numpy(inverse.astype(np.int64)).to(x.device)
+    return unique_rows(row_hashes(np.ascontiguousarray(x.detach().cpu().numpy())), x.device)
 
 
 @torch.no_grad()
@@ -71,10 +75,18 @@ def chunked(
 
 
 @torch.no_grad()
-def embed_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dedup: bool = True) -> torch.Tensor:
+def embed_rows(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    dedup: bool = True,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """fn over the distinct rows of x (chunked), expanded back to every row. `groups` = unique_rows of x's
+    row hashes when the caller already has them (training: the frozen inputs never change), saving the hashing
+    of every row on every call."""
     if not dedup:
         return chunked(fn, x)
-    first, inverse = _unique_rows(x)
+    first, inverse = _unique_rows(x) if groups is None else groups
     if first.shape[0] == x.shape[0]:
         # No duplicates: distinct row u is row first[u], so its result goes straight there (same chunks, same
         # order as below, without the full-size gather of the results)

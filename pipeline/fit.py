@@ -69,7 +69,8 @@ def load_fit_pairs(embedding_paths: list[str], sample: int, seed: int) -> tuple[
 
 def run_encoder(embedding_paths: list[str]) -> dict[str, Any]:
     """The encoder every embedding file was made with; mixing encoders in one run is an error."""
-    encoders = {digest(encoder_info(p)["encoder"]): encoder_info(p)["encoder"] for p in embedding_paths}
+    described = (encoder_info(p)["encoder"] for p in embedding_paths)  # one metadata read per file
+    encoders = {digest(encoder): encoder for encoder in described}
     if len(encoders) != 1:
         raise ValueError(f"embedding files come from {len(encoders)} different encoders; re-embed with one")
     return next(iter(encoders.values()))

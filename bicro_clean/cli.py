@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import typer
-from pydantic import ValidationError
+from bicro_clean.pipeline.allocator import use_one_malloc_arena
 
-from bicro_clean.pipeline.config import CleanConfig, load_yaml, merge_overrides
+use_one_malloc_arena()  # before Prefect, Dask or torch start threads (see pipeline/allocator.py)
+
+import typer  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from bicro_clean.pipeline.config import CleanConfig, load_yaml, merge_overrides  # noqa: E402
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Clean image-text datasets with BiCro.")

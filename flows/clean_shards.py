@@ -15,6 +15,10 @@ BiCro model once (models.encoders.shared_encoder, pipeline.score.shared_model).
 import logging
 from typing import Any, Callable, TypeVar
 
+from bicro_clean.pipeline.allocator import use_one_malloc_arena
+
+use_one_malloc_arena()  # stages run in task-runner threads: see pipeline/allocator.py (a no-op after the CLI's)
+
 from prefect import flow, task, unmapped
 from prefect.context import FlowRunContext
 from prefect.artifacts import create_markdown_artifact, create_table_artifact

@@ -62,6 +62,14 @@ class EmbedConfig(_Section):
         "float16", description="How image_emb/text_emb are stored. float16 halves the bytes (unit vectors: ~3 "
         "significant digits, soft_label AUROC unchanged on Flickr8k); readers always get float32 back."
     )
+    jpeg_decode: Literal["auto", "cpu", "device"] = Field(
+        "auto", exclude=True, description="Where JPEGs are decoded. cpu: PIL in the decode workers (reduced-size DCT "
+        "decode). device: the workers ship the JPEG bytes and the main process decodes them in batches with "
+        "torchvision's decode_jpeg on the encoder's device (nvJPEG on CUDA), resizing there; anything it refuses "
+        "takes the CPU path, same reason codes. auto: device when the encoder runs on CUDA, else cpu. 'device' with "
+        "a CPU encoder runs torchvision's CPU decode_jpeg in batches (used by the tests). Left out of the config "
+        "hashes (exclude): the embed cache key records the effective path, and only when it is device."
+    )
 
 
 class BiCroConfig(BiCroParams, _Section):

@@ -3,7 +3,9 @@ object) and the image (safe decoders only, bounded in pixels from its header, co
 
 Every `RawSample` from `bicro_clean.pipeline.tar_reader` becomes a `DecodedSample` or a `ReadIssue` with a reason
 code from `REASONS`: nothing is dropped silently. The cheap checks (caption, metadata) run before the image is
-decoded, so an unusable sample never costs an image decode.
+decoded, so an unusable sample never costs an image decode. A `defer` predicate can leave images that pass every
+header check undecoded, for a batched decoder (`bicro_clean.pipeline.device_decode`); `decode_image` is the CPU
+decode it falls back to.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -102,8 +104,12 @@ def _reduce(image: Image.Image, min_side: int | None) -> None:
         image.draft(None, (min_side, min_side))  # mode None: keep the colour space; size: the lower bound
 
 
-def _decode_image(raw: RawSample, extension: str, config: ReaderConfig,
-                  min_side: int | None = None) -> tuple[Image.Image, int, int] | ReadIssue:
+# (header-opened image, its bytes) -> True: leave it undecoded for a batched decoder (pipeline.device_decode)
+Defer = Callable[[Image.Image, bytes], bool]
+
+
+def _decode_image(raw: RawSample, extension: str, config: ReaderConfig, min_side: int | None = None,
+                  defer: Defer | None = None) -> tuple[Image.Image | None, int, int] | ReadIssue:
     # PIL's own bomb bound follows the config, so raising reader.max_image_pixels for a trusted source really
     # raises it (PIL would otherwise refuse > 2 x 89M pixels whatever the config says). One run, one config.
     Image.MAX_IMAGE_PIXELS = config.max_image_pixels
@@ -116,12 +122,21 @@ def _decode_image(raw: RawSample, extension: str, config: ReaderConfig,
                 if width * height > config.max_image_pixels:
                     detail = f"header says {width}x{height} > max_image_pixels={config.max_image_pixels}"
                     return _issue(raw, "image_too_large", detail)
+                if defer is not None and defer(image, raw.members[extension]):
+                    return None, width, height  # every header check passed; no pixel decoded here
                 _reduce(image, min_side)  # after the bound check: width/height stay the header's, as recorded
                 return _to_rgb(image), width, height
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return _issue(raw, "image_too_large", describe_error(error))
     except Exception as error:  # untrusted bytes: PIL raises OSError, SyntaxError, ValueError, struct.error...
         return _issue(raw, "decode_error", f"{raw.names[extension]!r}: {describe_error(error)}"[:500])
+
+
+def decode_image(raw: RawSample, extension: str, config: ReaderConfig,
+                 min_side: int | None = None) -> tuple[Image.Image, int, int] | ReadIssue:
+    """The image part of `decode_sample` alone (RGB image, header width, height), with its bounds and reason
+    codes: what a batched decoder falls back to for an image it refuses."""
+    return _decode_image(raw, extension, config, min_side)  # type: ignore[return-value]  # no defer: never None
 
 
 def _dotted_key_hint(raw: RawSample) -> str:
@@ -132,10 +147,12 @@ def _dotted_key_hint(raw: RawSample) -> str:
     return ""
 
 
-def decode_sample(raw: RawSample, config: ReaderConfig, min_side: int | None = None) -> DecodedSample | ReadIssue:
+def decode_sample(raw: RawSample, config: ReaderConfig, min_side: int | None = None,
+                  defer: Defer | None = None) -> DecodedSample | ReadIssue:
     """Check caption and metadata first (cheap), then decode the image to RGB. `min_side`: the image is only
     needed with its shorter side >= min_side (a JPEG may then decode at a reduced scale; width/height stay the
-    full size); None decodes every image at full size."""
+    full size); None decodes every image at full size. An image for which `defer(header-opened image, bytes)` is
+    true passes every header check but stays undecoded: the sample's `image` is None (its bytes are in `raw`)."""
     extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw.members), None)
     if extension is None:
         return _issue(raw, "missing_image", f"members: {sorted(raw.names.values())}{_dotted_key_hint(raw)}")
@@ -144,14 +161,15 @@ def decode_sample(raw: RawSample, config: ReaderConfig, min_side: int | None = N
     for result in (caption, meta):
         if isinstance(result, ReadIssue):
             return result
-    decoded = _decode_image(raw, extension, config, min_side)
+    decoded = _decode_image(raw, extension, config, min_side, defer)
     if isinstance(decoded, ReadIssue):
         return decoded
     image, width, height = decoded
     return DecodedSample(raw.shard, raw.key, image, width, height, caption, meta, raw)
 
 
-def read_shard(url: str, config: ReaderConfig, min_side: int | None = None) -> Iterator[DecodedSample | ReadIssue]:
+def read_shard(url: str, config: ReaderConfig, min_side: int | None = None,
+               defer: Defer | None = None) -> Iterator[DecodedSample | ReadIssue]:
     """`iter_shard` + `decode_sample`: one DecodedSample or ReadIssue per member group, in shard order."""
     for item in iter_shard(url, config):
-        yield decode_sample(item, config, min_side) if isinstance(item, RawSample) else item
+        yield decode_sample(item, config, min_side, defer) if isinstance(item, RawSample) else item

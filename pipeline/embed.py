@@ -3,7 +3,9 @@
 Every input row lands in the shard's Parquet, failures included (status ``error`` with a reason code), so
 ``samples in = embedded + recorded errors`` holds per shard. Decoding (large JPEGs at a reduced DCT scale, never
 below what the encoder's transform needs) and caption tokenisation run in DataLoader worker processes, one shard
-per worker at a time, so a shard's rows keep their order; the model stays in the main process. Embeddings are
+per worker at a time, so a shard's rows keep their order; the model stays in the main process. With a CUDA encoder
+(`embed.jpeg_decode`), JPEGs instead ship as bytes and decode in batches on the device (`pipeline.device_decode`),
+anything that path refuses falling back to the CPU decode with the same reason codes. Embeddings are
 stored as float16 by default (`embed.dtype`); readers get float32 (`pipeline.score.fixed_list_matrix`).
 A shard whose Parquet already exists with the same cache key (input fingerprint + encoder + config) is skipped.
 """
@@ -26,6 +28,14 @@ from bicro_clean.models.encoders import Encoder, load_encoder, set_offline_env, 
 from bicro_clean.models.tokens import TextTokens
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
 from bicro_clean.pipeline.decode import read_shard
+from bicro_clean.pipeline.device_decode import (
+    DeviceDecoder,
+    JpegBatch,
+    batchable_jpeg,
+    device_decoder,
+    jpeg_path,
+    resolve_chunk,
+)
 from bicro_clean.pipeline import resume
 from bicro_clean.pipeline.layout import embedding_path
 from bicro_clean.pipeline.parquet_io import (
@@ -49,11 +59,13 @@ class Chunk:
     pixels: torch.Tensor | None  # stacked images of the ok rows whose image bytes are new in this shard, in order
     last: bool = False
     tokens: Any = None  # the ok rows' captions tokenised in the worker (encoder.text_transform), None: none
+    jpegs: JpegBatch | None = None  # device path: JPEG bytes for the main process's batched decoder; pixels: the rest
 
     def pin_memory(self) -> Chunk:
-        """Called by the DataLoader's pin thread when pin_memory is on (CUDA): page-locked pixels and tokens, so
-        the encoder's non_blocking copies overlap the next chunk's decode."""
-        return replace(self, pixels=_pinned(self.pixels), tokens=_pinned(self.tokens))
+        """Called by the DataLoader's pin thread when pin_memory is on (CUDA): page-locked pixels, tokens and JPEG
+        bytes, so the encoder's non_blocking copies overlap the next chunk's decode."""
+        return replace(self, pixels=_pinned(self.pixels), tokens=_pinned(self.tokens),
+                       jpegs=self.jpegs.pinned() if self.jpegs else self.jpegs)
 
 
 def _pinned(value: Any) -> Any:
@@ -103,15 +115,18 @@ class ShardStream(IterableDataset):
     """Yields Chunks; each worker reads its own subset of the shards (round robin)."""
 
     def __init__(self, shards: list[str], reader: ReaderConfig, transform, batch_size: int,
-                 min_side: int | None = None, tokenize=None) -> None:
+                 min_side: int | None = None, tokenize=None, batch_jpegs: bool = False) -> None:
         self.shards, self.reader, self.transform, self.batch_size = shards, reader, transform, batch_size
         self.min_side = min_side  # JPEGs decode at the smallest DCT scale whose shorter side stays >= this
         self.tokenize = tokenize  # captions -> tokens, here in the worker; None: the main process tokenises
+        self.defer = batchable_jpeg if batch_jpegs else None  # device path: such JPEGs ship as bytes, undecoded
 
-    def _chunk(self, shard: str, rows: list[dict[str, Any]], pixels: list[torch.Tensor], last: bool) -> Chunk:
+    def _chunk(self, shard: str, rows: list[dict[str, Any]], pixels: list[torch.Tensor], last: bool,
+               jpegs: JpegBatch) -> Chunk:
         captions = [r["caption"] for r in rows if r["status"] == "ok"]
         tokens = self.tokenize(captions) if self.tokenize is not None and captions else None
-        return Chunk(shard, rows, torch.stack(pixels) if pixels else None, last, tokens)
+        return Chunk(shard, rows, torch.stack(pixels) if pixels else None, last, tokens,
+                     jpegs.packed() if jpegs else None)
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
@@ -122,10 +137,14 @@ class ShardStream(IterableDataset):
     def _chunks(self, shard: str) -> Iterator[Chunk]:
         rows: list[dict[str, Any]] = []
         pixels: list[torch.Tensor] = []
+        jpegs = JpegBatch()
         seen: set[str] = set()  # image bytes already sent for this shard: the model runs once per distinct image
-        for item in read_shard(shard, self.reader, self.min_side):
+        for item in read_shard(shard, self.reader, self.min_side, self.defer):
             row = _row(item)
-            if isinstance(item, DecodedSample) and row["image_sha256"] not in seen:
+            if isinstance(item, DecodedSample) and item.image is None:  # left for the batched decoder
+                jpegs.add(len(rows), item, first=row["image_sha256"] not in seen)
+                seen.add(row["image_sha256"])
+            elif isinstance(item, DecodedSample) and row["image_sha256"] not in seen:
                 try:
                     pixels.append(self.transform(item.image))
                     seen.add(row["image_sha256"])
@@ -134,9 +153,9 @@ class ShardStream(IterableDataset):
                                image_sha256=None)
             rows.append(row)
             if len(rows) >= self.batch_size:
-                yield self._chunk(shard, rows, pixels, last=False)
-                rows, pixels = [], []
-        yield self._chunk(shard, rows, pixels, last=True)
+                yield self._chunk(shard, rows, pixels, False, jpegs)
+                rows, pixels, jpegs = [], [], JpegBatch()
+        yield self._chunk(shard, rows, pixels, True, jpegs)
 
 
 def _worker_init(_: int) -> None:
@@ -152,10 +171,13 @@ def decode_side(encoder: Encoder) -> int | None:
 
 
 def embed_key(shard: str, encoder: Encoder, config: CleanConfig) -> str:
-    # the decode scale changes the pixels of large JPEGs, so it is part of what made the embeddings
+    # the decode scale changes the pixels of large JPEGs, so it is part of what made the embeddings; so does the
+    # JPEG decode path, recorded only when it is the batched one (the CPU path's keys stay what they always were)
+    decode = {"jpeg_reduced_decode_side": decode_side(encoder)}
+    if jpeg_path(config.embed.jpeg_decode, encoder) == "device":
+        decode["jpeg_decode"] = "device"
     return resume.stage_key(input_fingerprint(shard), encoder.describe(), config.reader.digest(),
-                            config.embed.model_dump(exclude=resume.RUNTIME_ONLY),
-                            {"jpeg_reduced_decode_side": decode_side(encoder)})
+                            config.embed.model_dump(exclude=resume.RUNTIME_ONLY | {"jpeg_decode"}), decode)
 
 
 STORAGE_TYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
@@ -200,6 +222,7 @@ class _ShardAccumulator:
         self.image: list[np.ndarray] = []
         self.text: list[np.ndarray] = []
         self.by_digest: dict[str, np.ndarray] = {}  # image embedding per distinct image of this shard
+        self.failed: dict[str, bytes] = {}  # device path: bytes of images the CPU path failed on too
 
     def add(self, rows: list[dict[str, Any]], image: np.ndarray, text: np.ndarray) -> None:
         self.rows.extend(rows)
@@ -216,21 +239,30 @@ class EmbedTimings:
     samples: int = 0
 
 
-def _encode_chunk(encoder: Encoder, chunk: Chunk, acc: _ShardAccumulator,
-                  timings: EmbedTimings) -> tuple[np.ndarray, np.ndarray]:
+def _encode_chunk(encoder: Encoder, chunk: Chunk, acc: _ShardAccumulator, timings: EmbedTimings,
+                  decoder: DeviceDecoder | None = None) -> tuple[np.ndarray, np.ndarray]:
+    t0 = time.perf_counter()
+    pixels, tokens = chunk.pixels, chunk.tokens
+    if chunk.jpegs is not None:  # device path (time counted as image model time): may turn rows into errors
+        if decoder is None:
+            raise RuntimeError(f"{chunk.shard}: a chunk with JPEG bytes but no device decoder")
+        ok_before = sum(r["status"] == "ok" for r in chunk.rows)
+        pixels = resolve_chunk(chunk.rows, chunk.shard, chunk.jpegs, pixels, acc.by_digest, acc.failed, decoder,
+                               _row)
+        if sum(r["status"] == "ok" for r in chunk.rows) != ok_before:
+            tokens = None  # the worker tokenised captions of rows now failed: tokenise the rest here (rare)
     ok_rows = [r for r in chunk.rows if r["status"] == "ok"]
     captions = [r["caption"] for r in ok_rows]
-    t0 = time.perf_counter()
-    if chunk.pixels is not None:
-        new = encoder.encode_images(chunk.pixels).numpy()
+    if pixels is not None:
+        new = encoder.encode_images(pixels).numpy()
         fresh = list(dict.fromkeys(r["image_sha256"] for r in ok_rows if r["image_sha256"] not in acc.by_digest))
         if len(fresh) != len(new):  # worker and main process disagree on which images are new: never guess
             raise RuntimeError(f"{chunk.shard}: {len(new)} images encoded for {len(fresh)} new digests")
         acc.by_digest.update(zip(fresh, new))
     image = np.stack([acc.by_digest[r["image_sha256"]] for r in ok_rows]) if ok_rows else np.zeros((0, encoder.image_dim), np.float32)
     t1 = time.perf_counter()
-    if chunk.tokens is not None:  # tokenised in the worker: the same tokens encode_texts would make here
-        text = encoder.encode_tokens(chunk.tokens).numpy()
+    if tokens is not None:  # tokenised in the worker: the same tokens encode_texts would make here
+        text = encoder.encode_tokens(tokens).numpy()
         if len(text) != len(captions):
             raise RuntimeError(f"{chunk.shard}: {len(text)} caption embeddings for {len(captions)} captions")
     else:
@@ -269,11 +301,11 @@ def _cached_result(shard: str, path: str) -> ShardResult:
     return ShardResult(shard, path, samples, samples - errors, errors, cached=True)
 
 
-def _loader(shards: list[str], encoder: Encoder, config: CleanConfig) -> DataLoader:
+def _loader(shards: list[str], encoder: Encoder, config: CleanConfig, batch_jpegs: bool = False) -> DataLoader:
     workers = min(config.embed.num_workers, len(shards))
     tokenize = encoder.text_transform() if hasattr(encoder, "text_transform") else None
     stream = ShardStream(shards, config.reader, encoder.image_transform(), config.embed.batch_size,
-                         decode_side(encoder), tokenize)
+                         decode_side(encoder), tokenize, batch_jpegs)
     # Own generator: DataLoader otherwise draws its worker base seed from torch's global RNG, which would
     # disturb a seeded model init running in another thread of the same process (and vice versa).
     return DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
@@ -323,12 +355,16 @@ def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: Clea
     targets = {shard: (path, key) for shard, path, key in todo}
     pending: dict[str, _ShardAccumulator] = {}
     results = []
+    decoder = None
+    if jpeg_path(config.embed.jpeg_decode, encoder) == "device":
+        decoder = device_decoder(encoder, config.reader, decode_side(encoder))
     bar = tqdm(total=None, unit="pair", disable=not config.embed.progress, desc="embed")
     clock = time.perf_counter()
-    for chunk in _loader([t[0] for t in todo], encoder, config):
+    for chunk in _loader([t[0] for t in todo], encoder, config, batch_jpegs=decoder is not None):
         timings.wait_s += time.perf_counter() - clock
         acc = pending.setdefault(chunk.shard, _ShardAccumulator())
-        acc.add(chunk.rows, *_encode_chunk(encoder, chunk, acc, timings))
+        image, text = _encode_chunk(encoder, chunk, acc, timings, decoder)  # may rewrite chunk.rows' failures
+        acc.add(chunk.rows, image, text)
         timings.samples += len(chunk.rows)
         bar.update(len(chunk.rows))
         if chunk.last:

@@ -7,7 +7,9 @@ fixed number formatting, so rerunning a cached run rewrites the same file.
 Memory stays bounded by one shard: histograms and gallery picks are aggregated per annotated file, the loss
 sample is scored per embeddings file, and thumbnails are cut while streaming only the shards that hold them.
 
-    scan         the selection rule as applied; histograms and gallery picks over the annotated files
+    scan         the selection rule as applied; histograms, per-shard counts and gallery picks
+    threshold    per score column: fine histograms (with truth) and example pairs, for choosing a threshold
+    slider       the threshold slider: inline JSON data and an inline script (no network, no library)
     diagnostics  the fitted loss mixtures over a seeded loss sample (needs the run's checkpoint)
     thumbnails   gallery and anchor images cut from the input shards
     svg          a small deterministic SVG plotting library
@@ -30,6 +32,7 @@ from bicro_clean.pipeline.parquet_io import atomic_output, join
 from bicro_clean.pipeline.report.diagnostics import loss_diagnostics
 from bicro_clean.pipeline.report.page import render_page
 from bicro_clean.pipeline.report.scan import Rule, annotated_paths, scan_annotated
+from bicro_clean.pipeline.report.threshold import example_rows
 from bicro_clean.pipeline.report.thumbnails import fetch_thumbnails, shard_urls
 from bicro_clean.pipeline.writers import read_json
 
@@ -56,5 +59,8 @@ def build_report(config: CleanConfig, manifest: dict[str, Any]) -> str:
     rule = Rule.from_run(config, manifest)
     stats, picks = scan_annotated(annotated_paths(config, manifest), rule, config.bicro.seed)
     losses = loss_diagnostics(config, manifest)
-    thumbs = fetch_thumbnails(shard_urls(manifest, picks), config)
+    small: dict[str, set[str]] = {}
+    for row in example_rows(stats.bins):  # the threshold slider's example pairs, cut small
+        small.setdefault(str(row["shard"]), set()).add(str(row["key"]))
+    thumbs = fetch_thumbnails(shard_urls(manifest, picks), config, small)
     return render_page(config, manifest, rule, stats, picks, losses, thumbs)

@@ -11,8 +11,9 @@ from typing import Any
 
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.report.diagnostics import LossDiagnostics
-from bicro_clean.pipeline.report.plots import curve_plot, mixture_plot, stacked_histogram
+from bicro_clean.pipeline.report.plots import mixture_plot, stacked_histogram, threshold_plot
 from bicro_clean.pipeline.report.scan import Rule, Stats, binned_auroc
+from bicro_clean.pipeline.report.slider import slider_section
 from bicro_clean.pipeline.report.thumbnails import Thumb, shards_by_id, split_pair_key
 from bicro_clean.pipeline.shards import REASONS
 
@@ -23,6 +24,10 @@ SELECT_REASONS = {
     "noisy_division": "Dropped: the mixture put the pair in its noisy set (p_clean <= bicro.clean_threshold).",
     "below_keep_fraction": "Dropped: ranked below the select.keep_fraction cutoff.",
 }
+
+
+# No network at all: inline styles and scripts, data: images only.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
 def esc(value: Any) -> str:
@@ -102,24 +107,63 @@ def plot_card(title: str, body: str, note: str = "") -> str:
 
 def plots_section(config: CleanConfig, manifest: dict[str, Any], rule: Rule, stats: Stats,
                   losses: LossDiagnostics | None) -> str:
-    counts = manifest.get("counts", {})
-    kept_fraction = counts.get("kept", 0) / stats.scored if stats.scored else 0.0
     marker = (rule.threshold, f"threshold {rule.threshold:.3g}") if rule.column == "soft_label" else None
     clean = config.bicro.clean_threshold
     cards = [plot_card("soft_label", stacked_histogram(stats.soft, "soft_label", marker),
                        "BiCro's soft correspondence label of every scored pair."),
              plot_card("p_clean", stacked_histogram(stats.p_clean, "p_clean", (clean, f"clean_threshold {clean:g}")),
-                       "Posterior of the clean mixture component, mean of the two networks."),
-             plot_card("Kept fraction vs threshold", curve_plot(stats, rule, kept_fraction), curve_note(rule))]
-    return (f'<div class="plots three">{"".join(cards)}</div><h2>Loss mixtures</h2>{mixture_lead(losses)}'
+                       "Posterior of the clean mixture component, mean of the two networks.")]
+    return (f'<div class="plots">{"".join(cards)}</div><h2>Loss mixtures</h2>{mixture_lead(losses)}'
             f'<div class="plots">{"".join(mixture_cards(losses))}</div>')
 
 
-def curve_note(rule: Rule) -> str:
-    if rule.column == "soft_label":
-        return "Share of scored pairs a soft_label threshold would keep; the dot is this run."
-    return ("Share of scored pairs a soft_label threshold would keep "
-            f"(this run selected on <code>{esc(rule.column)}</code>).")
+COLUMN_NOTES = {
+    "soft_label": "BiCro's soft correspondence label (the default selection column).",
+    "p_clean": "Posterior of the clean loss component, mean of the two networks.",
+    "consistency": "Bidirectional similarity consistency with the nearest clean anchors.",
+    "match_score": "The matcher heads' image-text similarity.",
+    "encoder_cosine": "Cosine of the frozen encoder's image and text embeddings.",
+    "clean_score": "The run's combined clean score.",
+}
+
+
+def threshold_section(rule: Rule, stats: Stats, thumbs: dict[tuple[str, str], Thumb]) -> str:
+    bins = stats.bins
+    truth = ("Precision = share of the kept pairs that are truly clean; recall = share of the truly clean pairs "
+             "that are kept (from the <code>truth_clean</code> column, as benchmark shards carry). "
+             if bins.has_truth else "No <code>truth_clean</code> column: only the kept fraction is known. ")
+    lead = (f'<p class="lead">A threshold <i>t</i> on one score column keeps the scored pairs with score ≥ <i>t</i>. '
+            f'{truth}Move the slider to see the count it keeps and the pairs right at the cut; the curves show '
+            f'the same for every column. The run itself also drops the pairs the mixture puts in its noisy set, '
+            f'so its own kept count can be lower than the slider\'s for the same threshold.</p>')
+    cards = [plot_card(name, threshold_plot(column, rule), COLUMN_NOTES.get(name, ""))
+             for name, column in bins.columns.items()]
+    return (f'{lead}{slider_section(bins, rule.column, rule.threshold, thumbs)}'
+            f'<div class="plots three">{"".join(cards)}</div>')
+
+
+MAX_SHARD_ROWS = 500  # beyond this, the shards with the highest dropped + error share
+
+
+def shard_table(stats: Stats) -> str:
+    items = sorted(stats.shards.items())
+    note = ""
+    if len(items) > MAX_SHARD_ROWS:
+        worst = sorted(items, key=lambda kv: (-(kv[1]["dropped"] + kv[1]["errors"]) / max(kv[1]["in"], 1), kv[0]))
+        items = sorted(worst[:MAX_SHARD_ROWS])
+        note = (f'<p class="sub">{len(stats.shards):,} shards: the {MAX_SHARD_ROWS} with the highest dropped + '
+                f'error share are listed (every shard\'s counts are in <code>results/&lt;shard&gt;.json</code>).</p>')
+    rows = []
+    for sid, c in items:
+        total = max(c["in"], 1)
+        reasons = ", ".join(f"<code>{esc(code)}</code> {n:,}" for code, n in c["reasons"]) or "–"
+        rows.append(f'<tr><td><code>{esc(sid)}</code></td><td class="n">{c["in"]:,}</td><td class="n">{c["kept"]:,}'
+                    f'</td><td class="n">{c["dropped"]:,}</td><td class="n">{c["errors"]:,}</td><td><div class="bar">'
+                    f'<span style="width:{c["kept"] / total:.1%};background:var(--keep)"></span></div></td>'
+                    f'<td>{reasons}</td></tr>')
+    head = ("<tr><th>shard</th><th>in</th><th>kept</th><th>dropped</th><th>errors</th><th>kept share</th>"
+            "<th>top reasons (not kept)</th></tr>")
+    return f'<div class="card">{note}<div class="scroll"><table>{head}{"".join(rows)}</table></div></div>'
 
 
 def mixture_lead(losses: LossDiagnostics | None) -> str:
@@ -189,10 +233,29 @@ def pair_card(row: dict[str, Any], rule: Rule, by_id: dict[str, str],
 
 
 GALLERIES = (
-    ("lowest", "Lowest soft_label", "The pairs BiCro trusts least: most should be mismatched."),
-    ("borderline", "Borderline", "Scores nearest the selection threshold: where the rule is hardest to get right."),
-    ("random_kept", "Random kept pairs", "A seeded random sample of what goes into the cleaned shards."),
+    ("lowest", "Lowest soft_label",
+     ("The pairs BiCro trusts least (lowest soft_label, ties by p_clean, then a seeded random order): most should "
+      "be mismatched. Many sit at exactly 0: pairs in the noisy set whose consistency is at most tau.")),
+    ("borderline", "Borderline", ""),
+    ("random_kept", "Random kept pairs",
+     ("A seeded random sample of what goes into the cleaned shards: these should look right.")),
 )
+CARD_NOTE = ("Each card: the pair's image and caption, its decision (and the truth where known), its scores, and "
+             "the clean anchors nearest to its image (by image) and to its caption (by text); consistency is high "
+             "when those anchors agree with the pairing.")
+
+
+def borderline_lead(rule: Rule) -> str:
+    cut = "cutoff" if rule.by_fraction else "threshold"
+    lead = (f"The pairs whose {rule.column} is nearest this run's {cut} {rule.threshold:.4g}: a small change of "
+            f"threshold flips their decision, so this is where the rule is hardest to get right.")
+    if rule.column == "soft_label":
+        lead += (" How soft_label is built: anchors (the most confident clean pairs) get 1; other pairs the mixture "
+                 "puts in its clean set (p_clean > clean_threshold) get 0.5 + consistency / 2; noisy-set pairs get "
+                 "their consistency, or 0 when it is at most tau. A soft_label of exactly 0.500 is therefore a "
+                 "clean-set pair with zero consistency: the loss says clean, its neighbours disagree. A rule of "
+                 "soft_label ≥ 0.5 keeps them, which is why many borderline cards read 0.500.")
+    return lead
 
 
 def gallery_sections(picks: dict[str, list[dict[str, Any]]], rule: Rule, manifest: dict[str, Any],
@@ -200,10 +263,10 @@ def gallery_sections(picks: dict[str, list[dict[str, Any]]], rule: Rule, manifes
     by_id = shards_by_id(manifest)
     out = []
     for name, title, lead in GALLERIES:
+        lead = borderline_lead(rule) if name == "borderline" else lead
         cards = "".join(pair_card(row, rule, by_id, thumbs) for row in picks.get(name, []))
         body = cards or '<div class="card"><p class="sub">No pairs.</p></div>'
-        out.append(f'<section id="{name}"><h2>{esc(title)}</h2><p class="lead">{esc(lead)} Each pair shows the '
-                   f'clean anchors nearest to its image and to its caption.</p><div class="gallery">{body}</div>'
+        out.append(f'<section id="{name}"><h2>{esc(title)}</h2><p class="lead">{esc(lead)} {esc(CARD_NOTE)}</p><div class="gallery">{body}</div>'
                    f'</section>')
     return "".join(out)
 
@@ -234,9 +297,12 @@ def render_page(config: CleanConfig, manifest: dict[str, Any], rule: Rule, stats
             + f'<section id="counts"><div class="stats">{"".join(count_cards(counts))}</div>'
             + f'<h2>Noise</h2><div class="stats">{"".join(estimate_cards(counts, stats, losses))}</div></section>'
             + f'<section id="reasons"><h2>Decisions by reason</h2>{reason_table(counts)}</section>'
+            + f'<section id="threshold"><h2>Choosing a threshold</h2>{threshold_section(rule, stats, thumbs)}</section>'
             + f'<section id="plots"><h2>Scores</h2>{plots_section(config, manifest, rule, stats, losses)}</section>'
+            + f'<section id="shards"><h2>Per shard</h2>{shard_table(stats)}</section>'
             + gallery_sections(picks, rule, manifest, thumbs) + footer(manifest))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f'<title>bicro-clean report</title><style>\n{CSS}</style></head>'
             f'<body><main>{body}</main></body></html>\n')

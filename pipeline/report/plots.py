@@ -1,11 +1,12 @@
-"""The report's plots: kept/dropped histograms, the fitted loss mixtures and the kept-fraction curve."""
+"""The report's plots: kept/dropped histograms, the fitted loss mixtures and, per score column, kept fraction,
+precision and recall against a threshold."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from bicro_clean.pipeline.report.diagnostics import LossView
-from bicro_clean.pipeline.report.scan import CURVE_BINS, HIST_BINS, Rule, Stats
+from bicro_clean.pipeline.report.scan import HIST_BINS, Rule
 from bicro_clean.pipeline.report.svg import (
     DROP_COLOR,
     INK,
@@ -13,12 +14,12 @@ from bicro_clean.pipeline.report.svg import (
     Frame,
     axes,
     bars,
-    coord,
     legend,
     polyline,
     svg,
     vline,
 )
+from bicro_clean.pipeline.report.threshold import ColumnBins
 
 SMALL_PLOT = 390  # viewBox width of the three-across plots: their text then renders near its nominal size
 
@@ -51,23 +52,27 @@ def mixture_plot(view: LossView, name: str) -> str:
     return svg(frame, parts, f"fitted mixture, {name}")
 
 
-def keep_curve(stats: Stats) -> tuple[np.ndarray, np.ndarray]:
-    """Fraction of scored pairs with soft_label >= t, at every bin edge t (exact there)."""
-    at_least = np.cumsum(stats.curve[::-1])[::-1]
-    fraction = np.append(at_least, stats.at_one) / max(stats.scored, 1)
-    return np.linspace(0.0, 1.0, CURVE_BINS + 1), fraction
+PRECISION_COLOR, RECALL_COLOR, KEPT_COLOR = KEEP_COLOR, "#ae3ec9", "#3b5bdb"
+CURVE_STEP = 5  # draw every 5th of the 1,000 bin edges: 201 points per line
 
 
-def curve_plot(stats: Stats, rule: Rule, kept_fraction: float) -> str:
-    xs, ys = keep_curve(stats)
-    frame = Frame(0.0, 1.0, 0.0, 1.05, width=SMALL_PLOT)
-    parts = axes(frame, "threshold on soft_label", "fraction of scored pairs kept")
-    step_x = np.repeat(xs, 2)[:-1]  # count(v >= t) for t inside a bin is the count at its upper edge
-    step_y = np.repeat(ys, 2)[1:]
-    parts.append(polyline(frame, step_x, step_y, "#3b5bdb", 2.5))
-    if rule.column == "soft_label":
-        label = f"{'cutoff' if rule.by_fraction else 'threshold'} {rule.threshold:.3g}: keeps {kept_fraction:.1%}"
-        parts.append(vline(frame, rule.threshold, label, low=frame.sx(rule.threshold) > frame.width / 2))
-        parts.append(f'<circle cx="{coord(frame.sx(rule.threshold))}" cy="{coord(frame.sy(kept_fraction))}" r="5" '
-                     f'fill="#3b5bdb" stroke="#fff" stroke-width="2"/>')
-    return svg(frame, parts, "kept fraction versus threshold")
+def threshold_plot(column: ColumnBins, rule: Rule) -> str:
+    """Kept fraction, and precision/recall of truly clean pairs when truth is known, against a threshold on one
+    score column (exact at the drawn bin edges)."""
+    xs, curves = column.edges()[::CURVE_STEP], column.curves()
+    frame = Frame(column.lo, column.hi, 0.0, 1.05, width=SMALL_PLOT)
+    parts = axes(frame, f"threshold on {column.name}", "fraction")
+    items = [("kept", KEPT_COLOR)]
+    for name, color, dash in (("precision", PRECISION_COLOR, ""), ("recall", RECALL_COLOR, "5 3")):
+        values = curves[name]
+        if values is not None:
+            ys = values[::CURVE_STEP]
+            ok = np.isfinite(ys)
+            parts.append(polyline(frame, xs[ok], ys[ok], color, 2.0, dash))
+            items.append((name, color))
+    parts.append(polyline(frame, xs, curves["kept"][::CURVE_STEP], KEPT_COLOR, 2.5))
+    if rule.column == column.name and column.lo <= rule.threshold <= column.hi:
+        parts.append(vline(frame, rule.threshold, f"this run {rule.threshold:.3g}",
+                           low=frame.sx(rule.threshold) > frame.width / 2))
+    parts += legend(frame, items)
+    return svg(frame, parts, f"kept fraction, precision and recall versus a threshold on {column.name}")

@@ -19,13 +19,15 @@ import pyarrow.parquet as pq
 
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.parquet_io import join
+from bicro_clean.pipeline.report.threshold import SCORE_COLUMNS, ScoreBins, add_bins, column_ranges
 
 GALLERY_SIZE = 12
 HIST_BINS = 40
 CURVE_BINS = 200
 AUC_BINS = 10_000  # AUROC from per-class histograms: exact up to ties inside a 1e-4 wide bin
-ROW_COLUMNS = ("shard", "key", "decision", "reason", "caption", "p_clean", "consistency", "soft_label",
-               "match_score", "anchor_key_i2t", "anchor_key_t2i", "truth_clean")
+ROW_COLUMNS = ("shard", "key", "decision", "reason", "caption", *SCORE_COLUMNS, "anchor_key_i2t", "anchor_key_t2i",
+               "truth_clean")
+TOP_REASONS = 3  # per-shard table: the most frequent drop or error reasons
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class Stats:
     truth: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("rows", "noisy", "kept", "kept_clean", "clean_scored"), 0))
     scored: int = 0
+    bins: ScoreBins = field(default_factory=ScoreBins)
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard id -> counts and top reasons
 
 
 def _hist(values: np.ndarray, bins: int) -> np.ndarray:
@@ -80,7 +84,7 @@ def read_rows(path: str, rule_column: str) -> dict[str, np.ndarray]:
         wanted = sorted(c for c in {*ROW_COLUMNS, rule_column} if c in names)
         table = pq.read_table(fh, columns=wanted)
     rows = {c: np.asarray(table[c].to_pylist(), dtype=object) for c in wanted}
-    for column in {"p_clean", "consistency", "soft_label", "match_score", rule_column} & names:
+    for column in {*SCORE_COLUMNS, rule_column} & names:
         rows[column] = _floats(table, column)
     rows.setdefault("truth_clean", np.full(table.num_rows, None, dtype=object))
     return rows
@@ -97,6 +101,15 @@ def add_stats(stats: Stats, rows: dict[str, np.ndarray]) -> None:
     stats.curve += _hist(soft, CURVE_BINS)
     stats.at_one += int((soft >= 1.0).sum())
     add_truth(stats, rows, scored)
+
+
+def shard_counts(rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One annotated file's row counts by decision and its most frequent drop/error reasons."""
+    decision, reason = rows["decision"], rows["reason"]
+    codes, counts = np.unique(reason[decision != "keep"].astype(str), return_counts=True)
+    top = sorted(zip(codes.tolist(), counts.tolist()), key=lambda item: (-item[1], item[0]))[:TOP_REASONS]
+    return {"in": len(decision), "kept": int((decision == "keep").sum()), "dropped": int((decision == "drop").sum()),
+            "errors": int((decision == "error").sum()), "reasons": top}
 
 
 def add_truth(stats: Stats, rows: dict[str, np.ndarray], scored: np.ndarray) -> None:
@@ -141,14 +154,18 @@ def _smallest(rows: dict[str, np.ndarray], index: Iterable[int], sort_key: Any) 
     return [(sort_key(i), _row(rows, i)) for i in best]
 
 
-def file_picks(rows: dict[str, np.ndarray], rule: Rule, seed: int) -> dict[str, list[Pick]]:
+def priorities(rows: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    return np.array([_priority(seed, s, k) for s, k in zip(rows["shard"], rows["key"])], dtype=np.uint64)
+
+
+def file_picks(rows: dict[str, np.ndarray], rule: Rule, prio: np.ndarray) -> dict[str, list[Pick]]:
     """Each gallery's best rows in one file. Ties (many soft labels are exactly 0, 0.5 or 1) go to a seeded
     random order, so a gallery is not just the first shard's first keys."""
     shard, key, soft, p_clean = rows["shard"], rows["key"], rows["soft_label"], rows["p_clean"]
     scored = np.flatnonzero((rows["decision"] != "error") & ~np.isnan(soft))
     value = rows[rule.column]
     kept = np.flatnonzero(rows["decision"] == "keep")
-    rank = {int(i): (_priority(seed, shard[i], key[i]), shard[i], key[i]) for i in np.union1d(scored, kept)}
+    rank = {int(i): (int(prio[i]), shard[i], key[i]) for i in np.union1d(scored, kept)}
     return {
         "lowest": _smallest(rows, scored, lambda i: (soft[i], p_clean[i], *rank[i])),
         "borderline": _smallest(rows, scored[~np.isnan(value[scored])],
@@ -164,9 +181,12 @@ def merge_picks(into: dict[str, list[Pick]], new: dict[str, list[Pick]]) -> None
 
 def scan_annotated(paths: list[str], rule: Rule, seed: int) -> tuple[Stats, dict[str, list[dict[str, Any]]]]:
     """One pass over the annotated files: summed histograms and the three galleries' rows."""
-    stats, picks = Stats(), {}
+    stats, picks = Stats(bins=column_ranges(paths)), {}
     for path in paths:
         rows = read_rows(path, rule.column)
         add_stats(stats, rows)
-        merge_picks(picks, file_picks(rows, rule, seed))
+        prio = priorities(rows, seed)
+        add_bins(stats.bins, rows, rows["decision"] != "error", prio)
+        stats.shards[path.rsplit("/", 1)[-1].removesuffix(".parquet")] = shard_counts(rows)
+        merge_picks(picks, file_picks(rows, rule, prio))
     return stats, {name: [row for _, row in found] for name, found in picks.items()}

@@ -19,6 +19,7 @@ from bicro_clean.pipeline.tar_reader import iter_shard
 logger = logging.getLogger(__name__)
 
 THUMB_PX = 128
+SMALL_PX = 72  # the threshold slider's example pairs: many of them, shown small
 
 
 def shards_by_id(manifest: dict[str, Any]) -> dict[str, str]:
@@ -66,25 +67,30 @@ def thumbnail_uri(data: bytes, max_pixels: int, size: int = THUMB_PX) -> str | N
         logger.debug("report: no thumbnail: %s", error)
         return None
     buffer = io.BytesIO()
-    small.save(buffer, format="JPEG", quality=82)
+    small.save(buffer, format="JPEG", quality=82 if size >= THUMB_PX else 74)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def sample_thumb(sample: RawSample, max_pixels: int) -> Thumb:
+def sample_thumb(sample: RawSample, max_pixels: int, size: int = THUMB_PX) -> Thumb:
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
-    uri = thumbnail_uri(sample.members[ext], max_pixels) if ext else None
+    uri = thumbnail_uri(sample.members[ext], max_pixels, size) if ext else None
     caption = sample.members.get("txt", b"").decode("utf-8", errors="replace").strip()
     return Thumb(uri, caption)
 
 
-def fetch_thumbnails(wanted: dict[str, set[str]], config: CleanConfig) -> dict[tuple[str, str], Thumb]:
-    """Stream each needed shard once, stopping as soon as its wanted keys are found."""
+def fetch_thumbnails(wanted: dict[str, set[str]], config: CleanConfig,
+                     small: dict[str, set[str]] | None = None) -> dict[tuple[str, str], Thumb]:
+    """Stream each needed shard once, stopping as soon as its wanted keys are found. Keys only in `small`
+    (shard URL -> keys) are cut at SMALL_PX."""
+    small = small or {}
     found: dict[tuple[str, str], Thumb] = {}
-    for url in sorted(wanted):
-        missing = set(wanted[url])
+    for url in sorted(set(wanted) | set(small)):
+        full = wanted.get(url, set())
+        missing = full | small.get(url, set())
         for item in iter_shard(url, config.reader):
             if isinstance(item, RawSample) and item.key in missing:
-                found[(url, item.key)] = sample_thumb(item, config.reader.max_image_pixels)
+                size = THUMB_PX if item.key in full else SMALL_PX
+                found[(url, item.key)] = sample_thumb(item, config.reader.max_image_pixels, size)
                 missing.discard(item.key)
             if not missing:
                 break

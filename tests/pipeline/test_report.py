@@ -19,10 +19,13 @@ from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.make_shards import make_shards
 from bicro_clean.pipeline.report import write_report
 from bicro_clean.pipeline.report.scan import Rule, annotated_paths, binned_auroc, scan_annotated
+from bicro_clean.pipeline.report.slider import script_json
+from bicro_clean.pipeline.report.threshold import BINS, ColumnBins, ScoreBins, add_bins
 from bicro_clean.pipeline.report.svg import nice_ticks
 from bicro_clean.pipeline.run import run_pipeline
 
-SECTIONS = ('id="counts"', 'id="reasons"', 'id="plots"', 'id="lowest"', 'id="borderline"', 'id="random_kept"')
+SECTIONS = ('id="counts"', 'id="reasons"', 'id="threshold"', 'id="plots"', 'id="shards"', 'id="lowest"',
+            'id="borderline"', 'id="random_kept"')
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +50,78 @@ def test_report_is_self_contained_with_every_section(run):
     page = (run / "report.html").read_text()
     for section in SECTIONS:
         assert section in page
-    assert page.count("<svg") >= 5  # soft_label, p_clean, keep curve, one mixture per network
+    assert page.count("<svg") >= 8  # soft_label, p_clean, 4 threshold curves, one mixture per network
     assert len(re.findall(r'<img [^>]*src="data:image/jpeg;base64,', page)) >= 12
     assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page)
-    assert "<link" not in page and "<script" not in page and "@import" not in page
+    assert "<link" not in page and "@import" not in page
+    assert page.count("<script") == 2 and not re.search(r"<script[^>]*\bsrc\s*=", page)  # inline data + code
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
     assert "True noise rate" in page and "AUROC" in page  # make_shards writes truth_clean
     assert "colour 1 &lt;b&gt;&amp;" in page and "<b>&" not in page
+    data = _slider_data(page)  # the captions reach the slider as JSON, with < > & as \u escapes
+    assert any(x["caption"].startswith("colour") and "<b>&" in x["caption"] for x in data["examples"])
+    assert "\\u003cb\\u003e\\u0026" in page
+
+
+def _slider_data(page: str) -> dict:
+    found = re.search(r'<script type="application/json" id="threshold-data">(.*?)</script>', page, re.S)
+    assert found
+    return json.loads(found.group(1))
+
+
+def test_threshold_data_and_shard_table_match_the_run(run):
+    page = (run / "report.html").read_text()
+    manifest = json.loads((run / "manifest.json").read_text())
+    counts = manifest["counts"]
+    scored = counts["in"] - counts["errors"]
+    data = _slider_data(page)
+    names = [c["name"] for c in data["columns"]]
+    assert names[:4] == ["soft_label", "p_clean", "consistency", "match_score"] and "clean_score" not in names
+    for column in data["columns"]:
+        assert len(column["total"]) == BINS + 1 and sum(column["total"]) == scored
+        assert column["clean"] is not None and sum(column["known"]) == scored  # make_shards writes truth_clean
+    assert data["rule"] == {"column": "soft_label", "threshold": manifest["cutoff"]["value"]}
+    assert data["examples"] and all(x["img"] is None or x["img"].startswith("data:image/jpeg;base64,")
+                                    for x in data["examples"])
+    config = _config(run)
+    stats, _ = scan_annotated(annotated_paths(config, manifest), Rule.from_run(config, manifest), seed=0)
+    assert sum(s["in"] for s in stats.shards.values()) == counts["in"]
+    assert sum(s["kept"] for s in stats.shards.values()) == counts["kept"]
+    assert sum(s["dropped"] for s in stats.shards.values()) == counts["dropped"]
+    for sid in stats.shards:
+        assert f"<code>{sid}</code>" in page
+    assert "consistency / 2" in page  # the borderline gallery says where soft_label 0.500 comes from
+
+
+def test_script_json_cannot_close_its_script():
+    text = script_json({"caption": "</script><script>alert(1)</script><!-- & >"})
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text) == {"caption": "</script><script>alert(1)</script><!-- & >"}
+
+
+def test_threshold_bins_are_exact_at_bin_edges():
+    rng = np.random.default_rng(1)
+    values = np.r_[rng.uniform(-0.3, 0.8, 5000), -0.3, 0.8, np.nan]
+    truth = np.array([bool(t) for t in rng.integers(0, 2, len(values) - 1)] + [None], dtype=object)
+    rows = {"shard": np.array(["s"] * len(values), dtype=object),
+            "key": np.array([f"{i:05d}" for i in range(len(values))], dtype=object),
+            "decision": np.array(["keep"] * len(values), dtype=object), "caption": np.array([""] * len(values)),
+            "truth_clean": truth, "match_score": values}
+    bins = ScoreBins({"match_score": ColumnBins("match_score", -0.3, 0.8)})
+    add_bins(bins, rows, np.ones(len(values), dtype=bool), np.arange(len(values), dtype=np.uint64))
+    column = bins.columns["match_score"]
+    curves = column.curves()
+    finite = values[~np.isnan(values)]
+    clean = np.array([t is True for t in truth])[~np.isnan(values)]
+    for k in (0, 1, 137, 500, 999, BINS):
+        edge = column.edges()[k]
+        kept = finite >= edge
+        if abs(finite - edge).min() > 1e-9:  # away from float rounding at the edge itself
+            assert curves["kept"][k] * len(finite) == pytest.approx(kept.sum())
+            assert curves["recall"][k] == pytest.approx((kept & clean).sum() / clean.sum())
+    assert column.total[BINS] == 1  # the maximum sits in the last bin: kept at the top edge
+    examples = [row for ex in column.examples.values() for _, row in ex]
+    assert 0 < len(examples) <= 32 * 2
 
 
 def test_report_bytes_are_deterministic(run):

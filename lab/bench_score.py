@@ -1,7 +1,11 @@
 """Scoring throughput from cached embeddings: pairs/s and peak RSS, for `BiCroModel.score` and the per-shard path.
 
     python -m bicro_clean.lab.bench_score [--pairs N] [--anchors K[,K...]] [--shard-pairs M] [--shards 2,8]
+                                          [--anchor-index flat,auto] [--embeddings DIR] [--checkpoint CKPT]
                                           [--profile] [--no-append]
+
+`--embeddings <out>/embeddings` fits on and scores real pairs (e.g. towers 1280/384-d, where the "pca" search
+applies; synthetic banks are isotropic and stay exact); `--checkpoint` scores with a saved checkpoint, no fit.
 
 One BiCro model is fitted quickly (one warm-up epoch, default 512/1024 sizes) on synthetic 512-d pairs; its
 anchor bank is then cut to each K (the K most confident anchors: what `anchor_top_k=K` keeps). Every point runs
@@ -50,7 +54,28 @@ IMAGE_SIZE = (16, 16)  # every sample shows the same small JPEG: the path is mea
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def fit_model(pool_pairs: int, train_pairs: int, seed: int = 0) -> Any:
+def real_pairs(folder: str, n: int = 0) -> tuple[Any, Any]:
+    """The ok (image, text) rows of an embeddings folder (`<out>/embeddings/*.parquet`, e.g. towers 1280/384-d),
+    in file then row order, as float32; the first `n` (0 = all). Stands in for synthetic_pairs with --embeddings."""
+    from bicro_clean.pipeline.fit import load_fit_pairs
+
+    paths = sorted(str(p) for p in Path(folder).glob("*.parquet"))
+    image, text, _ = load_fit_pairs(paths, 0, 0)
+    return (image[:n], text[:n]) if n else (image, text)
+
+
+def bench_pairs(n: int, seed: int, embeddings: str | None) -> tuple[Any, Any]:
+    """`n` pairs: synthetic (seeded) or, with an embeddings folder, real rows cycled from its start."""
+    if not embeddings:
+        return synthetic_pairs(n, seed)
+    import numpy as np
+
+    image, text = real_pairs(embeddings)
+    rows = np.arange(n) % len(image)
+    return image[rows], text[rows]
+
+
+def fit_model(pool_pairs: int, train_pairs: int, seed: int = 0, embeddings: str | None = None) -> Any:
     """A BiCro model: one warm-up epoch on `train_pairs`, then the final division over `pool_pairs`.
 
     Anchors come from the final division, so dividing a larger pool than was trained on gives a 100k-anchor
@@ -61,7 +86,8 @@ def fit_model(pool_pairs: int, train_pairs: int, seed: int = 0) -> Any:
     from bicro_clean.models.params import BiCroParams
     from bicro_clean.models.train import finalise, run_cotraining
 
-    image, text = synthetic_pairs(pool_pairs, seed)
+    image, text = real_pairs(embeddings, pool_pairs) if embeddings else synthetic_pairs(pool_pairs, seed)
+    pool_pairs = len(image)
     train = min(train_pairs, pool_pairs)
     params = BiCroParams(seed=seed, epochs=1, warmup_epochs=1, threads=THREADS)
     keys = [f"fit/{i:09d}" for i in range(pool_pairs)]
@@ -88,6 +114,12 @@ def save_with_anchors(model: Any, anchors: int, path: Path) -> int:
     return kept
 
 
+def load_checkpoint(path: str) -> Any:
+    from bicro_clean.models.bicro import BiCroModel
+
+    return BiCroModel.load(path)
+
+
 def make_dataset(root: Path, shards: int, shard_pairs: int, seed: int) -> tuple[str, str]:
     """`shards` tar shards + their cached embeddings under root; returns (input glob, output dir)."""
     output = str(root / "out")
@@ -104,7 +136,8 @@ def make_dataset(root: Path, shards: int, shard_pairs: int, seed: int) -> tuple[
 # ------------------------------------------------------------------------------------ one measured point
 
 
-def measure_score(checkpoint: str, pairs: int, seed: int, index: str | None = None) -> dict[str, Any]:
+def measure_score(checkpoint: str, pairs: int, seed: int, index: str | None = None,
+                  embeddings: str | None = None) -> dict[str, Any]:
     """`BiCroModel.score` alone on `pairs` in-memory pairs with run-wide keys (as score_batch passes them);
     `index` overrides the checkpoint's `anchor_index` (flat = exact search, auto = the default)."""
     from bicro_clean.pipeline.score import load_model
@@ -113,7 +146,7 @@ def measure_score(checkpoint: str, pairs: int, seed: int, index: str | None = No
     if index:
         model.params.anchor_index = index
     model.scoring_state()  # built once per loaded model; paid on the first score() otherwise
-    image, text = synthetic_pairs(pairs, seed + 1)
+    image, text = bench_pairs(pairs, seed + 1, embeddings)
     keys = [f"bench/{i:09d}" for i in range(pairs)]
     rss_before = peak_rss_mib()
     start, cpu = time.perf_counter(), time.process_time()
@@ -166,7 +199,8 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     if profiler:
         profiler.enable()
     if spec["kind"] == "score":
-        result = measure_score(spec["checkpoint"], spec["pairs"], spec["seed"], spec.get("index"))
+        result = measure_score(spec["checkpoint"], spec["pairs"], spec["seed"], spec.get("index"),
+                               spec.get("embeddings"))
     else:
         result = measure_path(spec["checkpoint"], spec["shards"], spec["shard_pairs"], spec["seed"])
     if profiler:
@@ -199,32 +233,38 @@ def spawn_point(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_benchmark(pairs: int, anchors: list[int], shard_pairs: int, shard_counts: list[int],
                   fit_pairs: int, train_pairs: int, profile: bool, seed: int = 0,
-                  indexes: tuple[str, ...] = ("",)) -> dict[str, Any]:
+                  indexes: tuple[str, ...] = ("",), embeddings: str | None = None,
+                  checkpoint: str | None = None) -> dict[str, Any]:
+    if embeddings and shard_counts:
+        logger.warning("--embeddings: no path points (they write synthetic 512-d shards)")
+        shard_counts = []
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         start = time.perf_counter()
-        model = fit_model(fit_pairs, train_pairs, seed)
+        model = load_checkpoint(checkpoint) if checkpoint else fit_model(fit_pairs, train_pairs, seed, embeddings)
         fit_s = time.perf_counter() - start
         checkpoints = {}
-        for k in anchors:
+        for k in anchors if not checkpoint else []:
             path = Path(tmp) / f"bicro-{k}"
             kept = save_with_anchors(model, k, path)
             if kept < k:
                 logger.warning("only %d anchors available for the %d-anchor point (raise --fit-pairs)", kept, k)
             checkpoints[kept] = str(path)
+        if checkpoint:  # its own anchor bank, uncut
+            checkpoints[len(model.anchor_keys)] = checkpoint
         available = len(model.anchor_keys)
         del model
         points = []
         for k, path in checkpoints.items():
             for index in indexes:  # score points per anchor search, one after the other (A/B on one load)
                 points.append(spawn_point({"kind": "score", "anchors": k, "pairs": pairs, "seed": seed,
-                                           "checkpoint": path, "index": index}))
+                                           "checkpoint": path, "index": index, "embeddings": embeddings}))
             for n in shard_counts:
                 points.append(spawn_point({"kind": "path", "anchors": k, "shards": n, "shard_pairs": shard_pairs,
                                            "seed": seed, "checkpoint": path}))
         if profile:  # the slowest setting, profiled apart so the timings above carry no profiler overhead
             k = max(checkpoints)
             points.append(spawn_point({"kind": "score", "anchors": k, "pairs": min(pairs, 8192), "seed": seed,
-                                       "checkpoint": checkpoints[k], "profile": True}))
+                                       "checkpoint": checkpoints[k], "profile": True, "embeddings": embeddings}))
     machine = machine_info()
     fit = {"pairs": fit_pairs, "trained_on": min(train_pairs, fit_pairs), "seconds": round(fit_s, 1),
            "anchors_available": available}
@@ -279,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-pairs", type=int, default=8192, help="pairs the warm-up epoch trains on")
     parser.add_argument("--anchor-index", default="", help="score points per anchor search, comma separated "
                         "(e.g. flat,auto: exact vs the default; empty: the checkpoint's own)")
+    parser.add_argument("--embeddings", default="", help="an embeddings folder (<out>/embeddings) to fit and "
+                        "score real pairs from instead of synthetic 512-d ones (score points only)")
+    parser.add_argument("--checkpoint", default="", help="score points with this checkpoint (no fit)")
     parser.add_argument("--profile", action="store_true", help="add a cProfile'd score point at the most anchors")
     parser.add_argument("--no-append", action="store_true", help=f"do not append to {BENCH_DOC.name}")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: one measured point, in a subprocess
@@ -290,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     # ~(1 - NOISE_RATE) of the fit pairs end in the clean set, which is where anchors come from.
     fit_pairs = args.fit_pairs or int(max(args.anchors) / (1 - NOISE_RATE) * 1.15)
     result = run_benchmark(args.pairs, args.anchors, args.shard_pairs, args.shards, fit_pairs, args.train_pairs,
-                           args.profile, indexes=tuple(args.anchor_index.split(",")))
+                           args.profile, indexes=tuple(args.anchor_index.split(",")),
+                           embeddings=args.embeddings or None, checkpoint=args.checkpoint or None)
     emit(result, markdown_table(result), None)
     if not args.no_append:
         append_to_doc(result, "python -m bicro_clean.lab.bench_score "

@@ -70,14 +70,16 @@ class BiCroParams(BaseModel):
     )
     # Anchor search in training's consistency labels and in scoring: "flat" = exact, "ivf" = faiss IndexIVFFlat,
     # approximate but ~A / (nlist + nprobe * A / nlist) times less work (docs/benchmarks.md measures the cost);
-    # "pca" = candidates from a 96-d PCA projection of the bank, re-ranked exactly (models.anchors.search_kind);
-    # "auto" = exact up to models.anchors.AUTO_IVF_MIN_ROWS distinct anchor rows (and always on CUDA), IVF above,
-    # except that scoring on the CPU uses "pca" from models.anchors.AUTO_PCA_MIN_ROWS rows (training stays exact).
+    # "pca" = candidates from a 96-d PCA projection of the bank (a flat scan, or an IVF index over the projected
+    # rows from models.anchors.PCA_IVF_MIN_ROWS rows), re-ranked exactly (models.anchors.search_kind);
+    # "auto" = on the CPU "pca" from models.anchors.AUTO_PCA_MIN_ROWS distinct anchor rows (where 96 directions
+    # hold enough of the bank), exact below, IVF above AUTO_IVF_MIN_ROWS; on CUDA exact. Scoring and training alike.
     anchor_index: AnchorIndexKind = Field(
         "auto", description="Anchor search (consistency labels in training and scoring): flat = exact; ivf = faiss "
         "IndexIVFFlat, approximate and much faster at 100k anchors (docs/benchmarks.md measures its agreement); "
-        "pca = candidates from a 96-d PCA projection re-ranked exactly; auto = exact up to 32,768 distinct anchor "
-        "rows and on CUDA, IVF above, and pca when scoring on the CPU from 2,048 rows."
+        "pca = candidates from a 96-d PCA projection (IVF over it from 4,096 rows) re-ranked exactly; auto = on the "
+        "CPU pca from 2,048 distinct anchor rows (exact below, or where the projection holds little of the bank), "
+        "IVF above 32,768; on CUDA exact. The same in training's consistency labels and in scoring."
     )
     ivf_nlist: int = Field(0, ge=0, description="IVF inverted lists (0 = about 2 * sqrt(distinct anchor rows)).")
     ivf_nprobe: int = Field(8, ge=1, description="IVF lists visited per query: more = closer to exact, slower.")

@@ -176,9 +176,10 @@ def encoder_info(embedding_path: str) -> dict[str, Any]:
     return meta
 
 
-# Bumped when the same checkpoint and embeddings score differently (2: the "pca" anchor search on the CPU), so a
-# rerun recomputes scores files made by the older scoring instead of reusing them.
-SCORING_VERSION = 2
+# Bumped when the same checkpoint and embeddings score differently (2: the "pca" anchor search on the CPU; 3: its
+# IVF candidates from 4,096 anchor rows), so a rerun recomputes scores files made by the
+# older scoring instead of reusing them.
+SCORING_VERSION = 3
 
 
 def score_key(embedding_meta: dict[str, Any], checkpoint_sha: str) -> str:

@@ -1,6 +1,6 @@
-"""The "pca" anchor search (candidates from a PCA projection, re-ranked exactly): scoring's default on the CPU
-for mid-sized banks. It must stay deterministic and batch-independent, agree with exact search, and leave
-training's labels exact; and the scoring batch sizes follow the device."""
+"""The "pca" anchor search (candidates from a PCA projection, re-ranked exactly): the default on the CPU for
+mid-sized banks, in scoring and training. It must stay deterministic and batch-independent and agree with exact
+search, with flat or IVF candidates; and the scoring batch sizes follow the device."""
 
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ def _clustered(n: int, d: int, seed: int, rank: int = 12) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.from_numpy(x.astype(np.float32)), dim=1)
 
 
-def test_auto_picks_pca_only_for_scoring_on_the_cpu(monkeypatch):
+def test_auto_picks_pca_on_the_cpu_for_scoring_and_training(monkeypatch):
     assert search_kind("auto", 10_000, 1024, "faiss", scoring=True) == "pca"
-    assert search_kind("auto", 10_000, 1024, "faiss") == "flat"  # training's labels stay exact
+    assert search_kind("auto", 10_000, 1024, "faiss") == "pca"  # training's labels: the same search
+    assert search_kind("auto", 10_000, 512, "torch") == "flat"  # training on CUDA: exact torch search
     assert search_kind("auto", 10_000, 1024, "torch", scoring=True) == "flat"  # CUDA: exact torch search
     assert search_kind("auto", 1_000, 1024, "faiss", scoring=True) == "flat"  # small bank: exact is cheap
     assert search_kind("auto", 10_000, 128, "faiss", scoring=True) == "flat"  # narrow space: nothing to save
@@ -95,3 +96,42 @@ def test_scoring_batches_follow_the_device():
 
     assert batch_rows_for(Model()) == batch_cuda
     assert batch_rows_for(object()) == BATCH_ROWS == SCORE_BATCH_CPU
+
+
+def _exact_top1(bank: torch.Tensor, queries: torch.Tensor) -> np.ndarray:
+    return torch.argmax(queries @ bank.T, dim=1).numpy()
+
+
+def test_pca_ivf_candidates_agree_with_exact_and_are_deterministic(monkeypatch):
+    """From PCA_IVF_MIN_ROWS rows the candidates come from an IVF index over the projected rows: the answers stay
+    (nearly) the exact ones, identical between builds and whatever the other queries in the call."""
+    monkeypatch.setattr(anchors, "PCA_DIM", 16)
+    monkeypatch.setattr(anchors, "PCA_CANDIDATES", 16)
+    monkeypatch.setattr(anchors, "PCA_IVF_MIN_ROWS", 1000)
+    monkeypatch.setattr(anchors, "PCA_IVF_NPROBE", 8)
+    bank = _clustered(3000, 64, 1, rank=8)
+    queries = torch.cat([bank[:50], _clustered(450, 64, 2, rank=8)])
+    own = np.full(500, -1, dtype=np.int64)
+    own[:50] = np.arange(50)
+    index = AnchorIndex.build(bank, "pca", seed=3)
+    assert index.kind == "pca" and index.index.__class__.__name__ == "IndexIVFFlat"
+    exact = nearest_anchor(queries, bank, own)
+    found = nearest_anchor(queries, bank, own, index, chunk=64)
+    again = nearest_anchor(queries, bank, own, AnchorIndex.build(bank, "pca", seed=3), chunk=64)
+    assert np.array_equal(found, again)  # seeded k-means: same index, same answers
+    assert np.mean(found == exact) > 0.97
+    assert np.all(found[:50] != np.arange(50)) and np.all(found >= 0)  # never self, always an anchor
+    same = found[50:] == exact[50:]
+    assert np.array_equal(found[50:][same], _exact_top1(bank, queries[50:])[same])
+    alone = np.concatenate([nearest_anchor(queries[i : i + 1], bank, own[i : i + 1], index, chunk=64)
+                            for i in (0, 77, 499)])
+    assert np.array_equal(alone, found[[0, 77, 499]])
+
+
+def test_ivf_candidates_short_of_k_never_pick_a_wrong_row():
+    """An IVF candidate search may return -1 ids (too few rows in the visited lists): never taken as an anchor."""
+    bank = _clustered(300, 32, 1)
+    index = AnchorIndex.build(bank, "flat")
+    hits = np.array([[-1, -1], [5, -1], [-1, 7]], dtype=np.int64)
+    best = index.best(hits, np.full(3, -1, dtype=np.int64))
+    assert best[0] == -1 and best[1] == index.rep1[5] and best[2] == index.rep1[7]

@@ -229,9 +229,8 @@ def tune_cpu_allocator() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
 
 
 def _state_digest(module: torch.nn.Module) -> str:
@@ -359,21 +358,24 @@ def load_tiny(device: torch.device, seed: int = 0) -> OpenClipEncoder:
         return load_open_clip(TINY_MODEL_NAME, None, device, use_autocast=False, spec="tiny")
 
 
-_LOAD_LOCK = threading.Lock()
+# Held while a model is built (random init draws from torch's global RNG) and while decode workers fork
+# (pipeline.embed): a worker forked mid-build inherits the RNG mutex locked and hangs in torch.manual_seed.
+LOAD_LOCK = threading.RLock()
 
 
-@functools.lru_cache(maxsize=4)
 def shared_encoder(spec: str, device: str = "auto", use_autocast: bool = True) -> Encoder:
-    """One encoder per process and spec: tasks running in threads of one worker share the weights."""
-    return load_encoder(spec, device, use_autocast)
+    """One encoder per process and spec, shared by the tasks in its threads (a second caller waits for it)."""
+    with LOAD_LOCK:
+        return _cached_encoder(spec, device, use_autocast)
 
 
 def load_encoder(spec: str, device: str = "auto", use_autocast: bool = True) -> Encoder:
     """Build an encoder from its spec string (see module docstring)."""
-    # Seeded random init (tiny) goes through torch's global RNG: two threads loading at once would interleave
-    # draws and get different weights. Loading is rare and slow anyway, so serialise it.
-    with _LOAD_LOCK:
+    with LOAD_LOCK:
         return _load_encoder(spec, device, use_autocast)
+
+
+_cached_encoder = functools.lru_cache(maxsize=4)(load_encoder)
 
 
 def _load_encoder(spec: str, device: str, use_autocast: bool) -> Encoder:

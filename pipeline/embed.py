@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bicro_clean.models.encoders import Encoder, load_encoder, set_offline_env, shared_encoder
+from bicro_clean.models.encoders import LOAD_LOCK, Encoder, load_encoder, set_offline_env, shared_encoder
 from bicro_clean.models.tokens import TextTokens
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
 from bicro_clean.pipeline.decode import read_shard
@@ -94,7 +94,8 @@ class ShardResult:
 def _row(item: DecodedSample | ReadIssue) -> dict[str, Any]:
     if isinstance(item, ReadIssue):
         return {"key": item.key, "status": "error", "reason": item.reason, "detail": item.detail[:500],
-                "caption": None, "width": None, "height": None, "url": None, "uid": None, "image_sha256": None}
+                "caption": None, "width": None, "height": None, "url": _as_text(item.url), "uid": _as_text(item.uid),
+                "image_sha256": None}
     meta = item.meta if isinstance(item.meta, dict) else {}
     return {"key": item.key, "status": "ok", "reason": None, "detail": None, "caption": item.caption,
             "width": item.width, "height": item.height,
@@ -360,7 +361,9 @@ def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: Clea
         decoder = device_decoder(encoder, config.reader, decode_side(encoder))
     bar = tqdm(total=None, unit="pair", disable=not config.embed.progress, desc="embed")
     clock = time.perf_counter()
-    for chunk in _loader([t[0] for t in todo], encoder, config, batch_jpegs=decoder is not None):
+    with LOAD_LOCK:  # forks the decode workers: never while another thread builds a model
+        chunks = iter(_loader([t[0] for t in todo], encoder, config, batch_jpegs=decoder is not None))
+    for chunk in chunks:
         timings.wait_s += time.perf_counter() - clock
         acc = pending.setdefault(chunk.shard, _ShardAccumulator())
         image, text = _encode_chunk(encoder, chunk, acc, timings, decoder)  # may rewrite chunk.rows' failures

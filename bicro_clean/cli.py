@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -15,35 +16,37 @@ use_one_malloc_arena()  # before Prefect, Dask or torch start threads (see pipel
 import typer  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
-from bicro_clean.pipeline.config import CleanConfig, load_yaml, merge_overrides  # noqa: E402
+from bicro_clean.cli_support import (  # noqa: E402
+    CONFIG_OPT,
+    DEVICE_OPT,
+    ENCODER_OPT,
+    INPUT_OPT,
+    OUT_OPT,
+    WORKERS_OPT,
+    build_config,
+    check_io,
+    effective_yaml,
+    fail,
+    format_validation_error,
+    opt,
+    version_callback,
+)
+from bicro_clean.pipeline.config import CleanConfig, load_yaml  # noqa: E402
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Clean image-text datasets with BiCro.")
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with any CleanConfig fields.")
-
-
-def _format_validation_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "config"
-    more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"config error: {field}: {first['msg']}{more}"
-
-
-def build_config(config_file: Optional[Path], overrides: dict[str, Any]) -> CleanConfig:
-    """YAML first, flags on top; a bad value exits with code 2 and a one-line message naming the field."""
-    try:
-        return CleanConfig.model_validate(merge_overrides(load_yaml(config_file), overrides))
-    except ValidationError as error:
-        typer.echo(_format_validation_error(error), err=True)
-        raise typer.Exit(2)
-    except (OSError, ValueError) as error:
-        typer.echo(f"config error: {error}", err=True)
-        raise typer.Exit(2)
+ConfigOpt = CONFIG_OPT
+_format_validation_error = format_validation_error  # the demo command's name for it
+__all__ = ["app", "build_config", "main", "run_with_runner"]
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                 help="Print the package version and exit."),
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -95,18 +98,19 @@ def _embed_overrides(input: Optional[list[str]], out: Optional[str], encoder: Op
 
 @app.command("embed")
 def embed_cmd(
-    input: Optional[list[str]] = typer.Option(None, "--input", "-i", help="Shard spec (repeatable)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory."),
-    encoder: Optional[str] = typer.Option(None, help="towers | open_clip:MODEL:TAG_OR_PATH | tiny"),
-    batch_size: Optional[int] = typer.Option(None, help="Images per model batch."),
-    workers: Optional[int] = typer.Option(None, help="Decode worker processes."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    config_file: Optional[Path] = ConfigOpt,
+    input: Optional[list[str]] = INPUT_OPT,
+    out: Optional[str] = OUT_OPT,
+    encoder: Optional[str] = ENCODER_OPT,
+    batch_size: Optional[int] = opt("embed.batch_size", "--batch-size", help="Images per model batch."),
+    workers: Optional[int] = WORKERS_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    config_file: Optional[Path] = CONFIG_OPT,
 ) -> None:
     """Embed every shard into OUT/embeddings/<shard>.parquet (cached per shard)."""
+    cfg = build_config(config_file, _embed_overrides(input, out, encoder, batch_size, workers, device))
+    check_io(cfg)  # before the encoder loads
     from bicro_clean.pipeline.embed import embed_shards
 
-    cfg = build_config(config_file, _embed_overrides(input, out, encoder, batch_size, workers, device))
     results = embed_shards(cfg)
     totals = {k: sum(getattr(r, k) for r in results) for k in ("samples", "embedded", "errors")}
     totals.update(shards=len(results), cached=sum(r.cached for r in results))
@@ -120,39 +124,60 @@ def _run_overrides(**flags: Any) -> dict[str, Any]:
              "maxcount": "out.maxcount", "maxsize": "out.maxsize", "fit_sample": "bicro.fit_sample",
              "epochs": "bicro.epochs", "allow_pipe": "reader.allow_pipe", "runner": "runner.kind",
              "dask_address": "runner.dask_address", "runner_workers": "runner.workers"}
-    return {names[k]: v for k, v in flags.items()}
+    return {names[k]: (v or None) if k == "input" else v for k, v in flags.items()}
 
 
 @app.command("run")
 def run_cmd(
-    input: Optional[list[str]] = typer.Option(None, "--input", "-i", help="Shard spec (repeatable)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (local or fsspec URL)."),
-    encoder: Optional[str] = typer.Option(None, help="towers | open_clip:MODEL:TAG_OR_PATH | tiny"),
-    workers: Optional[int] = typer.Option(None, help="Decode worker processes."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    column: Optional[str] = typer.Option(None, help="Score column the selection rule uses (default soft_label)."),
-    threshold: Optional[float] = typer.Option(None, help="Keep rows whose column >= threshold."),
-    keep_fraction: Optional[float] = typer.Option(None, help="Keep this top fraction instead of a threshold."),
-    keep_embeddings: Optional[bool] = typer.Option(None, "--keep-embeddings/--no-keep-embeddings"),
-    maxcount: Optional[int] = typer.Option(None, help="Samples per cleaned output shard."),
-    maxsize: Optional[int] = typer.Option(None, help="Bytes per cleaned output shard."),
-    fit_sample: Optional[int] = typer.Option(None, help="Fit BiCro on this many sampled pairs (0 = all)."),
-    epochs: Optional[int] = typer.Option(None, help="BiCro training epochs."),
-    allow_pipe: Optional[bool] = typer.Option(None, "--allow-pipe/--no-allow-pipe", help="Allow pipe: URLs."),
-    runner: Optional[str] = typer.Option(None, help="local (default) | dask | ray | none (no Prefect)."),
-    dask_address: Optional[str] = typer.Option(None, help="tcp://scheduler:8786 (else a LocalCluster)."),
-    runner_workers: Optional[int] = typer.Option(None, help="Concurrent tasks / LocalCluster workers."),
-    config_file: Optional[Path] = ConfigOpt,
+    input: Optional[list[str]] = INPUT_OPT,
+    out: Optional[str] = OUT_OPT,
+    encoder: Optional[str] = ENCODER_OPT,
+    workers: Optional[int] = WORKERS_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    column: Optional[str] = opt("select.column", "--column", help="Score column the selection rule uses."),
+    threshold: Optional[float] = opt("select.threshold", "--threshold", help="Keep rows whose column >= threshold."),
+    keep_fraction: Optional[float] = opt("select.keep_fraction", "--keep-fraction",
+                                         help="Keep this top fraction instead of a threshold."),
+    keep_embeddings: Optional[bool] = opt("out.keep_embeddings", "--keep-embeddings/--no-keep-embeddings",
+                                          help="Keep the embedding columns in annotated/ and filtered/."),
+    maxcount: Optional[int] = opt("out.maxcount", "--maxcount", help="Samples per cleaned output shard."),
+    maxsize: Optional[int] = opt("out.maxsize", "--maxsize", help="Bytes per cleaned output shard."),
+    fit_sample: Optional[int] = opt("bicro.fit_sample", "--fit-sample",
+                                    help="Fit BiCro on this many sampled pairs (0 = all)."),
+    epochs: Optional[int] = opt("bicro.epochs", "--epochs", help="BiCro training epochs."),
+    allow_pipe: Optional[bool] = opt("reader.allow_pipe", "--allow-pipe/--no-allow-pipe", help="Allow pipe: URLs."),
+    runner: Optional[str] = opt("runner.kind", "--runner", help="local | dask | ray | none (no Prefect)."),
+    dask_address: Optional[str] = opt("runner.dask_address", "--dask-address",
+                                      help="tcp://scheduler:8786 (none: a LocalCluster)."),
+    runner_workers: Optional[int] = opt("runner.workers", "--runner-workers",
+                                        help="Concurrent tasks / LocalCluster workers."),
+    config_file: Optional[Path] = CONFIG_OPT,
 ) -> None:
     """The whole pipeline: embed -> fit BiCro -> score -> decide -> Parquet, cleaned shards, report.
 
     Runs the `clean-shards` Prefect flow in this process (ephemeral API, no server needed)."""
-    cfg = build_config(config_file, _run_overrides(
-        input=input or None, out=out, encoder=encoder, workers=workers, device=device, column=column,
-        threshold=threshold, keep_fraction=keep_fraction, keep_embeddings=keep_embeddings, maxcount=maxcount,
-        maxsize=maxsize, fit_sample=fit_sample, epochs=epochs, allow_pipe=allow_pipe, runner=runner,
-        dask_address=dask_address, runner_workers=runner_workers))
-    typer.echo(json.dumps(run_with_runner(cfg), indent=2, default=str))
+    flags = {k: v for k, v in locals().items() if k != "config_file"}
+    cfg = build_config(config_file, _run_overrides(**flags))
+    check_io(cfg)  # before any model loads or Prefect starts
+    from bicro_clean.pipeline.shards import InputError
+
+    try:
+        summary = run_with_runner(cfg)
+    except InputError as error:  # the input changed after the check: still one line
+        raise fail("input", error)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def config_cmd(**flags: Any) -> None:
+    """Print the effective config as YAML: every field with the value `run` with these flags would use."""
+    config_file = flags.pop("config_file")
+    typer.echo(effective_yaml(config_file, _run_overrides(**flags)), nl=False)
+
+
+# `config` takes exactly run's flags
+config_cmd.__signature__ = inspect.signature(run_cmd)  # type: ignore[attr-defined]
+config_cmd.__annotations__ = {**run_cmd.__annotations__}
+app.command("config")(config_cmd)
 
 
 def run_with_runner(cfg: CleanConfig) -> dict[str, Any]:

@@ -11,7 +11,6 @@ decode it falls back to.
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from typing import Callable, Iterator
 
@@ -28,12 +27,15 @@ from bicro_clean.pipeline.shards import (
     RawSample,
     ReadIssue,
     describe_error,
+    parse_meta,
+    sample_ids,
 )
 from bicro_clean.pipeline.tar_reader import iter_shard
 
 
 def _issue(raw: RawSample, reason: str, detail: str) -> ReadIssue:
-    return ReadIssue(raw.shard, raw.key, reason, detail)
+    # url/uid from the .json when it parses, so error rows can be joined on them too
+    return ReadIssue(raw.shard, raw.key, reason, detail, *sample_ids(raw.members))
 
 
 def _decode_caption(raw: RawSample, config: ReaderConfig) -> str | ReadIssue:
@@ -50,24 +52,12 @@ def _decode_caption(raw: RawSample, config: ReaderConfig) -> str | ReadIssue:
     return text if text else _issue(raw, "empty_caption", f"{len(data)} bytes of whitespace")
 
 
-def _reject_constant(name: str) -> float:
-    # Python's json accepts NaN/Infinity, which are not JSON: a kept sample's JSON could not be written back
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not np.isfinite(value):  # 1e999 parses to inf: the same problem as Infinity
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
 def _decode_meta(raw: RawSample) -> dict | ReadIssue:
     data = raw.members.get(META_EXTENSION)
     if data is None:
         return {}
     try:
-        meta = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+        meta = parse_meta(data)
     except (ValueError, RecursionError) as error:  # RecursionError: absurdly nested arrays
         return _issue(raw, "invalid_json", describe_error(error)[:300])
     if not isinstance(meta, dict):

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from braceexpand import braceexpand
@@ -54,7 +56,17 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
-class UnsafeInputError(ValueError):
+class InputError(ValueError):
+    """The shard spec names nothing usable (no match, a missing or unreadable file, an empty folder, unbalanced
+    braces). Its message is one line naming the problem; it is raised while the spec is expanded, before any work,
+    so the CLI prints it and exits 2 and a flow run fails with it as its message."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A path, glob, brace range or folder of the spec matches no shard."""
+
+
+class UnsafeInputError(InputError):
     """A `pipe:` shard URL (runs a shell command) while pipes are not allowed."""
 
 
@@ -76,6 +88,8 @@ class ReadIssue:
     key: str
     reason: str
     detail: str
+    url: str | None = None  # from the sample's .json when it was read and parses (best effort), for joins
+    uid: str | None = None
 
 
 @dataclass
@@ -96,24 +110,86 @@ def describe_error(error: BaseException) -> str:
     return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", f"{type(error).__name__}: {error}")
 
 
+def _reject_constant(name: str) -> float:
+    # Python's json accepts NaN/Infinity, which are not JSON: a kept sample's JSON could not be written back
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999 parses to inf: the same problem as Infinity
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def parse_meta(data: bytes) -> Any:
+    """A .json member parsed strictly (no NaN/Infinity, finite numbers); raises ValueError or RecursionError."""
+    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def sample_ids(members: dict[str, bytes]) -> tuple[str | None, str | None]:
+    """(url, uid) from a member group's .json, best effort: None when it is absent, malformed or lacks them."""
+    data = members.get(META_EXTENSION)
+    if data is None:
+        return None, None
+    try:
+        meta = parse_meta(data)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(meta, dict):
+        return None, None
+    url, uid = meta.get("url"), meta.get("uid")
+    return (None if url is None else str(url)), (None if uid is None else str(uid))
+
+
 # ---------------------------------------------------------------------------------------------------- shard specs
 
 
 def expand_shard_spec(spec: str | list[str], allow_pipe: bool = False) -> Iterator[str]:
-    """Lazily yield shard URLs: braces, then local or fsspec globs (sorted), in the order the spec gives them."""
+    """Lazily yield shard URLs: braces, then local or fsspec globs (sorted), in the order the spec gives them. A local
+    folder means its ``*.tar`` files. Raises `InputError` (one line) when a part of the spec names nothing usable."""
     patterns = [spec] if isinstance(spec, str) else spec
     if not patterns:
-        raise ValueError("empty shard spec: give at least one path, glob or URL")
+        raise InputError("empty shard spec: give at least one path, glob, folder or URL")
     for pattern in patterns:
-        for expanded in braceexpand(pattern):
-            yield from _expand_pattern(expanded, allow_pipe)
+        expanded = _brace_expand(pattern)
+        _check_range(pattern, expanded)
+        for item in expanded:
+            yield from _expand_pattern(item, allow_pipe)
+
+
+def _brace_expand(pattern: str) -> list[str]:
+    try:
+        return list(braceexpand(pattern))
+    except ValueError:  # braceexpand.UnbalancedBracesError
+        raise InputError(f"shard spec {pattern!r} has unbalanced braces (a range is written "
+                         "{00000..00099})") from None
+
+
+def _is_local(pattern: str) -> bool:
+    return not pattern.startswith("pipe:") and fsspec.core.split_protocol(pattern)[0] is None
+
+
+def _check_range(pattern: str, expanded: list[str]) -> None:
+    """A brace range whose members are missing: one error naming how many and the first, not the first alone."""
+    if len(expanded) < 2:
+        return
+    literal = [os.path.expanduser(p) for p in expanded if _is_local(p) and not _GLOB_CHARS.search(p)]
+    missing = [p for p in literal if not os.path.exists(p)]
+    if missing:
+        raise MissingInputError(f"{len(missing)} of the {len(expanded)} shards of {pattern!r} do not exist, the "
+                                f"first {missing[0]!r}{_cwd_hint(missing[0])}")
+
+
+def _cwd_hint(path: str) -> str:
+    return "" if os.path.isabs(path) else f" (working directory {os.getcwd()})"
 
 
 def _expand_pattern(pattern: str, allow_pipe: bool) -> Iterator[str]:
     if pattern.startswith("pipe:"):
         check_pipe_allowed(pattern, allow_pipe)
         yield pattern
-    elif fsspec.core.split_protocol(pattern)[0] is None:
+    elif _is_local(pattern):
         yield from _expand_local(os.path.expanduser(pattern))
     elif _GLOB_CHARS.search(pattern):
         yield from _expand_remote_glob(pattern)
@@ -130,39 +206,103 @@ def check_pipe_allowed(url: str, allow_pipe: bool) -> None:
         )
 
 
+def _readable(path: str) -> bool:
+    return os.access(path, os.R_OK)
+
+
+def _checked(paths: list[str]) -> Iterator[str]:
+    for path in paths:
+        if not _readable(path):
+            raise InputError(f"shard {path!r} is not readable (permission denied)")
+        yield path
+
+
 def _expand_local(pattern: str) -> Iterator[str]:
     if not _GLOB_CHARS.search(pattern):
+        if os.path.isdir(pattern):  # img2dataset's output folder: its shards
+            matches = sorted(p for p in glob.glob(os.path.join(glob.escape(pattern), "*.tar")) if os.path.isfile(p))
+            if not matches:
+                raise MissingInputError(f"folder {pattern!r} has no *.tar shards{_cwd_hint(pattern)}")
+            yield from _checked(matches)
+            return
         if not os.path.exists(pattern):
-            raise FileNotFoundError(f"shard {pattern!r} does not exist (working directory {os.getcwd()})")
-        yield pattern
+            braces = " (its braces were not expanded: a range is written {00000..00099})" if re.search(
+                r"[{}]", pattern) else ""
+            raise MissingInputError(f"shard {pattern!r} does not exist{_cwd_hint(pattern)}{braces}")
+        yield from _checked([pattern])
         return
     matches = sorted(path for path in glob.glob(pattern, recursive=True) if not os.path.isdir(path))
     if not matches:
-        raise FileNotFoundError(f"no shard matches {pattern!r} (working directory {os.getcwd()})")
-    yield from matches
+        raise MissingInputError(f"no shard matches {pattern!r}{_cwd_hint(pattern)}")
+    yield from _checked(matches)
 
 
 def _expand_remote_glob(pattern: str) -> Iterator[str]:
     # keep any chained prefix ("simplecache::") on the results; only the last URL of a chain is globbed
     head, sep, url = pattern.rpartition("::")
-    fs, path = fsspec.core.url_to_fs(url)
-    found = fs.glob(path, detail=True)  # detail gives the type without one extra request per match
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        found = fs.glob(path, detail=True)  # detail gives the type without one extra request per match
+    except (ImportError, OSError, ValueError) as error:  # unknown protocol, missing backend, no access
+        raise InputError(f"cannot list {pattern!r}: {describe_error(error)}".replace("\n", " ")) from None
     matches = sorted(name for name, info in found.items() if info.get("type") != "directory")
     if not matches:
-        raise FileNotFoundError(f"no shard matches {pattern!r}")
+        raise MissingInputError(f"no shard matches {pattern!r}")
     for match in matches:
         yield head + sep + fs.unstrip_protocol(match)
 
 
+def canonical_url(url: str) -> str:
+    """One spelling per shard: a local path (or file:// URL) absolute and normalised (symlinks kept: the name the
+    user gave, not where it points today); a URL with its scheme lower-cased, and for http(s) the host lower-cased,
+    a default port dropped and "." / ".." segments resolved (object-store keys are literal: left as written). pipe:
+    commands stay as written."""
+    if not url or url.startswith("pipe:"):
+        return url
+    if "::" in url:  # chained fsspec URL ("simplecache::s3://b/x.tar"): the protocols, then the shard's own URL
+        head, _, last = url.rpartition("::")
+        return f"{head.lower()}::{canonical_url(last)}"
+    protocol, path = fsspec.core.split_protocol(url)
+    if protocol is None or protocol.lower() in ("file", "local"):
+        return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+    if protocol.lower() not in ("http", "https"):
+        return protocol.lower() + url[len(protocol):]
+    parts = urlsplit(url)
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    default_port = ":80" if scheme == "http" else ":443"
+    netloc = netloc[: -len(default_port)] if netloc.endswith(default_port) else netloc
+    return urlunsplit((scheme, netloc, _remove_dot_segments(parts.path), parts.query, parts.fragment))
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 on an absolute path: "/a/./b/../c" -> "/a/c"; repeated slashes are kept."""
+    if not path.startswith("/"):
+        return path
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for segment in segments:
+        if segment == ".":
+            continue
+        if segment == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    trailing = [""] if segments[-1] in (".", "..") else []
+    return "/" + "/".join(out + trailing)
+
+
 def shard_id(url: str) -> str:
-    """Filesystem-safe, deterministic output stem for a shard, unique per URL: ``{stem}-{sha1(url)[:8]}``."""
-    base = re.split(r"[/\\]", url.rstrip("/\\"))[-1]
+    """Filesystem-safe, deterministic output stem for a shard, unique per shard: ``{stem}-{sha1(canonical)[:8]}``,
+    the same whichever way the path was spelled (relative, absolute, ``./``, ``file://``; see `canonical_url`)."""
+    canonical = canonical_url(url)
+    base = re.split(r"[/\\]", canonical.rstrip("/\\"))[-1]
     for suffix in _SHARD_SUFFIXES:
         if base.lower().endswith(suffix):
             base = base[: -len(suffix)]
             break
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:80] or "shard"
-    digest = hashlib.sha1(url.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    digest = hashlib.sha1(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return f"{stem}-{digest}"
 
 

@@ -29,6 +29,7 @@ from bicro_clean.pipeline.shards import (
     check_pipe_allowed,
     describe_error,
     printable,
+    sample_ids,
     split_key,
     unsafe_name_problem,
 )
@@ -119,7 +120,7 @@ class _Grouper:
         if extension in group.members:
             first = group.names[extension]
             detail = f"member {name!r} repeats {first!r}; first kept"
-            return [ReadIssue(self.shard, group.key, "duplicate_key", detail)]
+            return [ReadIssue(self.shard, group.key, "duplicate_key", detail, *sample_ids(group.members))]
         group.members[extension] = data
         group.names[extension] = name
         return []
@@ -131,7 +132,8 @@ class _Grouper:
         self.emitted += 1
         if group.duplicate:
             names = sorted(group.names.values())
-            return [ReadIssue(self.shard, group.key, "duplicate_key", f"key seen earlier in the shard; {names} skipped")]
+            detail = f"key seen earlier in the shard; {names} skipped"
+            return [ReadIssue(self.shard, group.key, "duplicate_key", detail, *sample_ids(group.members))]
         self.seen.add(group.key)
         return [RawSample(self.shard, group.key, group.members, group.names)]
 
@@ -142,7 +144,8 @@ class _Grouper:
             read = sorted(self.group.names.values())
             cut = f", cut while reading {self.group.pending!r}" if self.group.pending else ""
             detail = f"sample in progress when the shard broke (members read: {read}{cut})"
-            issues.append(ReadIssue(self.shard, self.group.key, "shard_truncated", detail))
+            issues.append(ReadIssue(self.shard, self.group.key, "shard_truncated", detail,
+                                    *sample_ids(self.group.members)))
             self.group = None
         detail = f"{describe_error(error)} near byte {offset}; {self.emitted} samples read before the break"
         issues.append(ReadIssue(self.shard, "", _classify(error), detail))

@@ -297,14 +297,20 @@ def kept_rows(table: pa.Table) -> pa.Table:
 
 
 def write_keep_keys(filtered_paths: Iterable[str], path: str) -> int:
-    """(shard, key) of every kept sample, streamed one filtered file at a time; returns the row count."""
-    schema = pa.schema([("shard", pa.string()), ("key", pa.string())])
+    """(shard, key, uid) of every kept sample, streamed one filtered file at a time; returns the row count. uid is
+    null where the sample's .json has none (or a filtered file has no uid column)."""
+    schema = pa.schema([("shard", pa.string()), ("key", pa.string()), ("uid", pa.string())])
     rows = 0
     with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as fh:
         with pq.ParquetWriter(fh, schema, compression="zstd") as writer:
             for filtered in filtered_paths:
                 with fsspec.open(filtered, "rb") as src:
-                    part = pq.read_table(src, columns=["shard", "key"]).cast(schema)
+                    source = pq.ParquetFile(src)
+                    names = [n for n in schema.names if n in source.schema_arrow.names]
+                    part = source.read(columns=names)
+                if "uid" not in names:
+                    part = part.append_column("uid", pa.nulls(part.num_rows, pa.string()))
+                part = part.select(schema.names).cast(schema)
                 writer.write_table(part)
                 rows += part.num_rows
     return rows

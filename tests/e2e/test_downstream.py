@@ -241,7 +241,7 @@ def _kept_rows(out: Path) -> dict[str, dict[str, Any]]:
     """output_key -> annotated row of every kept sample, checked against keep_keys.parquet."""
     annotated = pl.read_parquet(str(out / "annotated" / "*.parquet")).filter(pl.col("decision") == "keep")
     keep_keys = pl.read_parquet(out / "keep_keys.parquet")
-    assert sorted(keep_keys.iter_rows()) == sorted(annotated.select("shard", "key").iter_rows())
+    assert sorted(keep_keys.select("shard", "key").iter_rows()) == sorted(annotated.select("shard", "key").iter_rows())
     return {row["output_key"]: row for row in annotated.iter_rows(named=True)}
 
 

@@ -191,4 +191,4 @@ def test_parquet_writers_return_every_value_unchanged(rows, meta):
     assert back.replace_schema_metadata(None).equals(table)
     expected_kept = [row for row in table.to_pylist() if row["decision"] == "keep"]
     assert kept.to_pylist() == expected_kept
-    assert keep_keys.to_pylist() == [{"shard": r["shard"], "key": r["key"]} for r in expected_kept]
+    assert keep_keys.to_pylist() == [{"shard": r["shard"], "key": r["key"], "uid": None} for r in expected_kept]

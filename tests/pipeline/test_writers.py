@@ -106,7 +106,8 @@ def test_keep_keys_streams_filtered_files(tmp_path):
         paths.append(str(tmp_path / f"{i}.parquet"))
     assert write_keep_keys(paths, str(tmp_path / "keep.parquet")) == 4
     keys = pq.read_table(tmp_path / "keep.parquet")
-    assert keys.column_names == ["shard", "key"] and keys["shard"].to_pylist() == ["s0", "s0", "s1", "s1"]
+    assert keys.column_names == ["shard", "key", "uid"] and keys["shard"].to_pylist() == ["s0", "s0", "s1", "s1"]
+    assert keys["uid"].null_count == 4  # filtered files without a uid column: null uids
 
 
 def test_members_are_copied_not_reencoded(tmp_path):

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 DEMO_SCENES = 1000  # x 2 captions = 2,000 pairs: the whole demo in about a minute on 2 CPU cores
 CAPTIONS_PER_IMAGE = 2
 DATA_IMAGES = 400  # with --data: Flickr8k has 5 captions per image, so 2,000 pairs as well
-SHARD_SIZE = 10_000  # img2dataset's default samples per shard: the demo's 2,000 pairs are one shard
+SHARD_SIZE = 500  # 4 shards: the default runner's two embed streams get two each (one shard = one decode worker)
 SUMMARY_FILE = "demo-summary.json"
 
 

@@ -82,12 +82,25 @@ class BiCroConfig(BiCroParams, _Section):
     )
 
 
+COSINE_COLUMNS = ("match_score", "encoder_cosine")  # in [-1, 1]; every other score column is in [0, 1]
+
+
 class SelectConfig(_Section):
     column: Literal[
         "soft_label", "p_clean", "consistency", "r_i2t", "r_t2i", "match_score", "encoder_cosine"
     ] = Field("soft_label", description="Score column the rule applies to (encoder_cosine: aligned encoders).")
-    threshold: float = Field(0.5, description="Keep rows whose column is >= threshold.")
+    threshold: float = Field(0.5, allow_inf_nan=False, description="Keep rows whose column is >= threshold: in "
+                             "[0, 1] for soft_label, p_clean, consistency, r_i2t, r_t2i; [-1, 1] for the cosines.")
     keep_fraction: float | None = Field(None, gt=0, le=1, description="Keep this top fraction instead.")
+
+    @model_validator(mode="after")
+    def _threshold_in_the_column_range(self) -> "SelectConfig":
+        # NaN or a value outside the column's range is a typo, never a rule: NaN would drop every row, and a
+        # negative threshold on a [0, 1] column would keep every row without a word
+        low = -1.0 if self.column in COSINE_COLUMNS else 0.0
+        if not low <= self.threshold <= 1.0:
+            raise ValueError(f"threshold {self.threshold:g} is outside [{low:g}, 1], the range of {self.column}")
+        return self
 
 
 class OutputConfig(_Section):

@@ -195,7 +195,7 @@ def run(corpus, tmp_path_factory) -> dict:
     scratch.mkdir()
     inputs_before = _tree(corpus["root"])
     config = tiny_config([str(corpus["root"] / "*.tar"), str(corpus["root"] / "*.tar.gz")], out,
-                         select={"threshold": -1.0})
+                         select={"threshold": 0.0})  # soft_label >= 0: every row the rule sees is kept
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(parent)  # a stray relative write would land next to out/
         patch.setattr(tempfile, "tempdir", str(scratch))  # and scratch files must be cleaned up

@@ -11,6 +11,7 @@ decode it falls back to.
 from __future__ import annotations
 
 import io
+import unicodedata
 import warnings
 from typing import Callable, Iterator
 
@@ -49,7 +50,12 @@ def _decode_caption(raw: RawSample, config: ReaderConfig) -> str | ReadIssue:
     except UnicodeDecodeError as error:
         return _issue(raw, "caption_not_utf8", str(error))
     text = text.strip()
-    return text if text else _issue(raw, "empty_caption", f"{len(data)} bytes of whitespace")
+    if not text:
+        return _issue(raw, "empty_caption", f"{len(data)} bytes of whitespace")
+    if not any(unicodedata.category(char)[0] in "LNPS" for char in text):
+        # NULs, zero-width and format characters, a soft hyphen, lone combining marks: nothing a reader sees
+        return _issue(raw, "empty_caption", f"{len(text)} characters, none visible: {ascii(text[:40])}")
+    return text
 
 
 def _decode_meta(raw: RawSample) -> dict | ReadIssue:

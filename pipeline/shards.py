@@ -35,7 +35,8 @@ SAFE_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 REASONS: dict[str, str] = {
     "missing_image": "The sample has no .jpg/.jpeg/.png/.webp member.",
     "missing_caption": "The sample has no .txt caption member.",
-    "empty_caption": "The caption is empty or only whitespace.",
+    "empty_caption": "The caption is empty, or has no visible character (only whitespace, control, zero-width "
+    "or format characters, or combining marks).",
     "caption_not_utf8": "The caption bytes are not valid UTF-8.",
     "caption_too_long": "The caption is longer than reader.max_caption_bytes bytes.",
     "decode_error": "The image bytes cannot be decoded (not an image, HTML page, zero bytes, truncated file).",

@@ -5,6 +5,7 @@ stylesheet (report.css, shipped as package data) inlined.
 from __future__ import annotations
 
 import html
+import re
 import math
 from importlib.resources import files
 from typing import Any
@@ -30,8 +31,14 @@ SELECT_REASONS = {
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
+# C0/C1 control characters (tab, newline and carriage return aside) are shown as visible \xNN escapes: a caption's
+# NUL or ESC byte must never reach the page raw (browsers and terminals that display it misbehave)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
+    text = "" if value is None else str(value)
+    return html.escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
 def stat_card(kind: str, title: str, value: str, sub: str = "") -> str:

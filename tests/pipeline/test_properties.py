@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,10 @@ _DIRECTORY = st.text(st.characters(exclude_categories=("Cc", "Cs"), exclude_char
                      max_size=8).filter(lambda s: s not in (".", ".."))
 _KEY = st.tuples(st.lists(_DIRECTORY, max_size=2), _BASE).map(lambda parts: "/".join([*parts[0], parts[1]]))
 
-# A caption is any text with something left after stripping (a leading BOM is an encoding marker, not text).
+# A caption is any text with something visible left after stripping (a leading BOM is an encoding marker, not
+# text; a letter, number, punctuation or symbol is visible: pipeline.decode)
 _CAPTION = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=80).filter(
-    lambda s: s.removeprefix("\ufeff").strip() != "")
+    lambda s: any(unicodedata.category(c)[0] in "LNPS" for c in s.removeprefix("\ufeff").strip()))
 _JSON_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-2**53, 2**53), st.text(max_size=12),
                         st.floats(allow_nan=False, allow_infinity=False))
 # "bicro" is left out: the cleaned-shard writer puts its scores under that field, replacing any input value

@@ -35,6 +35,11 @@ class ReaderConfig(_Section):
     max_caption_bytes: int = Field(
         16_384, gt=0, description="Captions longer than this (UTF-8 bytes) are recorded as caption_too_long."
     )
+    max_aspect_ratio: float = Field(
+        20.0, ge=1, allow_inf_nan=False, description="Images whose longer side is more than this many times the "
+        "shorter are recorded as image_aspect_ratio, before decoding: resizing the shorter side to the encoder's "
+        "224 px would blow a 1x20000 strip up to 224x4,480,000 (a 164-byte PNG took 4.7 GB)."
+    )
     allow_pipe: bool = Field(False, description="Allow pipe: shard URLs, which run shell commands.")
 
 

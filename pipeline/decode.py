@@ -118,6 +118,9 @@ def _decode_image(raw: RawSample, extension: str, config: ReaderConfig, min_side
                 if width * height > config.max_image_pixels:
                     detail = f"header says {width}x{height} > max_image_pixels={config.max_image_pixels}"
                     return _issue(raw, "image_too_large", detail)
+                if max(width, height) > config.max_aspect_ratio * max(min(width, height), 1):
+                    detail = f"header says {width}x{height}: aspect ratio > max_aspect_ratio={config.max_aspect_ratio:g}"
+                    return _issue(raw, "image_aspect_ratio", detail)
                 if defer is not None and defer(image, raw.members[extension]):
                     return None, width, height  # every header check passed; no pixel decoded here
                 _reduce(image, min_side)  # after the bound check: width/height stay the header's, as recorded

@@ -41,6 +41,8 @@ REASONS: dict[str, str] = {
     "caption_too_long": "The caption is longer than reader.max_caption_bytes bytes.",
     "decode_error": "The image bytes cannot be decoded (not an image, HTML page, zero bytes, truncated file).",
     "image_too_large": "The image header declares more than reader.max_image_pixels pixels; it is never decoded.",
+    "image_aspect_ratio": "The image's longer side is more than reader.max_aspect_ratio times its shorter side (a "
+    "thin strip that resizing would blow up); it is never decoded.",
     "invalid_json": "The .json member is not a JSON object.",
     "duplicate_key": "The key (or a key + extension) already appeared in this shard; the first occurrence is kept.",
     "unsafe_member_name": "The member name is absolute, has a '..' component, control characters, invalid UTF-8 "
@@ -215,7 +217,17 @@ def _checked(paths: list[str]) -> Iterator[str]:
     for path in paths:
         if not _readable(path):
             raise InputError(f"shard {path!r} is not readable (permission denied)")
-        yield path
+        yield local_path(path)
+
+
+def local_path(path: str) -> str:
+    """A local file name in a spelling no reader takes for a pipe or URL: a name a glob or folder listing found
+    (``pipe:rm -rf ~;x.tar``, ``http:x.tar``, ``a::b.tar``) is a file, never a command. A relative name with a colon
+    gets ``./`` (the reader opens names starting with ``/`` or ``./`` as local files); others are left as they are,
+    so their shard ids do not change."""
+    if os.path.isabs(path) or ":" not in path or path.startswith("./"):
+        return path
+    return "./" + path
 
 
 def _expand_local(pattern: str) -> Iterator[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import subprocess
 import tarfile
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO, Generator, Iterator
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from bicro_clean.pipeline.config import ReaderConfig
 from bicro_clean.pipeline.shards import (
@@ -298,6 +300,12 @@ def _open_stream(url: str) -> Iterator[IO[bytes]]:
         return
     # fsspec does not know .tgz; tarfile's own gzip reader would skip the CRC check, so hand it to fsspec's
     compression = "gzip" if url.lower().endswith(".tgz") else "infer"
+    if url.startswith(("/", "./", "../")):  # a local path (see shards.local_path): no URL or "::" chain parsing
+        compression = fsspec.core.get_compression(url, compression)
+        local = fsspec.core.OpenFile(LocalFileSystem(), os.path.abspath(url), "rb", compression=compression)
+        with local as stream:
+            yield stream
+        return
     with fsspec.open(url, "rb", compression=compression) as stream:
         yield stream
 

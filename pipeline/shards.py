@@ -125,8 +125,31 @@ def _finite_float(text: str) -> float:
     return value
 
 
+MAX_JSON_DEPTH = 64  # far below Python's recursion limit, whatever the calling thread's stack already holds
+_JSON_TOKENS = re.compile(rb'"(?:\\.|[^"\\])*"|[\[\]{}]')  # strings (skipped) and brackets
+
+
+def _json_depth(data: bytes) -> int:
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:  # the common case, at C speed
+        return 0
+    depth = deepest = 0
+    for token in _JSON_TOKENS.finditer(data):
+        mark = token.group()
+        if mark in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif mark in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
 def parse_meta(data: bytes) -> Any:
-    """A .json member parsed strictly (no NaN/Infinity, finite numbers); raises ValueError or RecursionError."""
+    """A .json member parsed strictly (no NaN/Infinity, finite numbers, at most MAX_JSON_DEPTH levels of nesting);
+    raises ValueError. The depth is checked before parsing: json's recursion would otherwise fail or not depending
+    on how deep the calling thread's stack already is, and a runner would change outputs."""
+    depth = _json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested {depth} levels deep (> {MAX_JSON_DEPTH})")
     return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
 
 

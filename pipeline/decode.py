@@ -16,7 +16,7 @@ import warnings
 from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from bicro_clean.pipeline.config import ReaderConfig
 from bicro_clean.pipeline.shards import (
@@ -92,6 +92,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The photo as a viewer shows it: a camera's EXIF orientation (2-8) applied, so a photo stored sideways is
+    embedded upright. Images without the tag (the common case) are returned as they are, not copied."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
 def _reduce(image: Image.Image, min_side: int | None) -> None:
     """Ask a JPEG decoder for a 1/2, 1/4 or 1/8 scale decode in the DCT domain (libjpeg-turbo), the smallest whose
     both sides stay >= `min_side`, so an encoder that resizes the shorter side to `min_side` never upsamples.
@@ -124,7 +135,7 @@ def _decode_image(raw: RawSample, extension: str, config: ReaderConfig, min_side
                 if defer is not None and defer(image, raw.members[extension]):
                     return None, width, height  # every header check passed; no pixel decoded here
                 _reduce(image, min_side)  # after the bound check: width/height stay the header's, as recorded
-                return _to_rgb(image), width, height
+                return _to_rgb(_upright(image)), width, height
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return _issue(raw, "image_too_large", describe_error(error))
     except Exception as error:  # untrusted bytes: PIL raises OSError, SyntaxError, ValueError, struct.error...

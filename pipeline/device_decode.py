@@ -39,7 +39,9 @@ _EOI = b"\xff\xd9"
 def batchable_jpeg(image: Image.Image, data: bytes) -> bool:
     """A header-opened image that the batched decoder takes: a JPEG in RGB/grey that ends with its EOI marker
     (a cut-off JPEG stays on PIL, which reports it as truncated). Picklable: it runs in the decode workers."""
-    return image.format == "JPEG" and image.mode in _BATCHABLE_MODES and data.endswith(_EOI)
+    # a rotated photo (EXIF orientation 2-8) stays on PIL too, which turns it upright (nvJPEG ignores EXIF)
+    return (image.format == "JPEG" and image.mode in _BATCHABLE_MODES and data.endswith(_EOI)
+            and image.getexif().get(0x0112, 1) == 1)
 
 
 def encoder_device(encoder: Any) -> torch.device:

@@ -95,6 +95,7 @@ class _Group:
     members: dict[str, bytes] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
     pending: str = ""  # member whose header was read but whose bytes are not in yet
+    issue: ReadIssue | None = None  # a member of this key that cannot be used: the whole sample is one issue row
 
 
 class _Grouper:
@@ -127,11 +128,22 @@ class _Grouper:
         group.names[extension] = name
         return []
 
+    def attach(self, issue: ReadIssue) -> bool:
+        """A link/device/unsafe member of the key being read makes the sample one issue row (not that row plus a
+        missing_image row for the rest of it). False: the issue is not this group's."""
+        if self.group is None or issue.key != printable(self.group.key):
+            return False
+        self.group.issue = self.group.issue or issue
+        return True
+
     def flush(self) -> list[RawSample | ReadIssue]:
         group, self.group = self.group, None
         if group is None:
             return []
         self.emitted += 1
+        if group.issue is not None:
+            detail = f"{group.issue.detail}; the sample's other members {sorted(group.names.values())} skipped"
+            return [ReadIssue(self.shard, group.key, group.issue.reason, detail, *sample_ids(group.members))]
         if group.duplicate:
             names = sorted(group.names.values())
             detail = f"key seen earlier in the shard; {names} skipped"
@@ -223,6 +235,14 @@ class _MemberIssues:
         self.pending = issue
         return done
 
+    def take(self, key: str) -> ReadIssue | None:
+        """The held issue when it belongs to `key` (the sample's regular members follow it), else None."""
+        held = self.pending
+        if held is None or held.key != printable(key):
+            return None
+        self.pending, self.extra = None, 0
+        return held
+
     def flush(self) -> list[ReadIssue]:
         held, extra, self.pending, self.extra = self.pending, self.extra, None, 0
         if held is None:
@@ -249,10 +269,14 @@ def _iter_members(grouper: _Grouper, tar: tarfile.TarFile) -> Generator[RawSampl
             break
         issue = _member_issue(grouper.shard, member)
         if issue is not None:
-            yield from member_issues.add(issue)
+            if not grouper.attach(issue):
+                yield from member_issues.add(issue)
             continue
+        held = member_issues.take(split_key(member.name)[0])
         yield from member_issues.flush()
         yield from grouper.begin(member.name)
+        if held is not None:
+            grouper.attach(held)
         try:
             data = member_data(tar, member)
         except Exception as error:

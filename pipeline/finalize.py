@@ -23,7 +23,16 @@ import pyarrow.parquet as pq
 
 from bicro_clean.pipeline import resume
 from bicro_clean.pipeline.config import CleanConfig
-from bicro_clean.pipeline.layout import KEEP_KEYS, MANIFEST, relative, result_path
+from bicro_clean.pipeline.layout import (
+    ANNOTATED_DIR,
+    FILTERED_DIR,
+    KEEP_KEYS,
+    MANIFEST,
+    RESULTS_DIR,
+    SHARDS_DIR,
+    relative,
+    result_path,
+)
 from bicro_clean.pipeline.parquet_io import atomic_output, join, package_version
 from bicro_clean.pipeline.score import checkpoint_sha256
 from bicro_clean.pipeline.write import output_entry
@@ -125,10 +134,32 @@ def manifest(config: CleanConfig, shard_results: list[dict[str, Any]], checkpoin
     }
 
 
+def remove_outputs_of_other_shards(config: CleanConfig, shard_ids: list[str], results: list[dict[str, Any]]) -> int:
+    """Delete files in annotated/, filtered/, shards/ and results/ that this run's shards did not write (left by an
+    earlier run on more inputs), so the folder holds exactly what manifest.json lists; the count removed.
+    Caches (embeddings/, scores/, checkpoint/) stay: they are keyed and cost compute to rebuild. A writer's
+    `.tmp-*` file in progress is left alone."""
+    keep = {o["path"] for r in results for o in r["outputs"]}
+    keep |= {relative(config.output, result_path(config.output, sid)) for sid in shard_ids}
+    fs, root = fsspec.core.url_to_fs(config.output)
+    removed = 0
+    for folder in (ANNOTATED_DIR, FILTERED_DIR, SHARDS_DIR, RESULTS_DIR):
+        base = f"{root.rstrip('/')}/{folder}"
+        for path in fs.find(base) if fs.exists(base) else []:
+            if path.rsplit("/", 1)[-1].startswith(".tmp-") or f"{folder}/{path[len(base) + 1:]}" in keep:
+                continue
+            fs.rm(path)
+            removed += 1
+    if removed:
+        logger.warning("finalize: removed %d output files of shards that are not inputs of this run", removed)
+    return removed
+
+
 def finalize_stage(config: CleanConfig, shard_ids: list[str], checkpoint_path: str) -> str:
     """Write keep_keys.parquet, keep_uids.npy (when every kept sample has a DataComp uid) and manifest.json from
-    the shards' results (in input shard order)."""
+    the shards' results (in input shard order), after removing outputs of shards this run does not have."""
     results = [load_shard_result(config, sid) for sid in shard_ids]
+    remove_outputs_of_other_shards(config, shard_ids, results)
     filtered = [join(config.output, o["path"]) for r in results for o in r["outputs"] if o["kind"] == "filtered"]
     keep_path = join(config.output, KEEP_KEYS)
     run_wide = [output_entry(config, keep_path, "keep_keys", write_keep_keys(filtered, keep_path))]

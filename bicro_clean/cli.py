@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -12,6 +13,12 @@ from typing import Any, Optional
 from bicro_clean.pipeline.allocator import use_one_malloc_arena
 
 use_one_malloc_arena()  # before Prefect, Dask or torch start threads (see pipeline/allocator.py)
+
+# Before Prefect is imported (its settings are read then); a user's own value wins. No usage data leaves the
+# machine: the temporary API server's analytics (offline they end in a red "Failed to send telemetry") and
+# the client's SDK analytics (prefect/_internal/analytics honours DO_NOT_TRACK).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import typer  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
@@ -26,6 +33,9 @@ from bicro_clean.cli_support import (  # noqa: E402
     build_config,
     check_io,
     effective_yaml,
+    print_run_summary,
+    start_terminal,
+    stop_terminal,
     fail,
     format_validation_error,
     opt,
@@ -43,15 +53,18 @@ __all__ = ["app", "build_config", "main", "run_with_runner"]
 
 @app.callback()
 def _main(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="The full log: every library's INFO, bicro_clean's DEBUG."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the one-line result."),
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                  help="Print the package version and exit."),
 ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """By default: a progress bar per running stage on a terminal, one line per finished stage, a summary."""
+    if verbose and quiet:
+        raise fail("usage", "--verbose and --quiet exclude each other")
+    start_terminal("verbose" if verbose else "quiet" if quiet else "default")
+    ctx.call_on_close(stop_terminal)
 
 
 @app.command("make-shards")
@@ -165,7 +178,7 @@ def run_cmd(
         summary = run_with_runner(cfg)
     except InputError as error:  # the input changed after the check: still one line
         raise fail("input", error)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    print_run_summary(summary)
 
 
 def config_cmd(**flags: Any) -> None:

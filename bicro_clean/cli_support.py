@@ -7,10 +7,15 @@ Every failure here is one line on stderr and exit code 2, never a traceback: a u
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import sys
+import threading
+import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 import yaml
@@ -180,3 +185,193 @@ def effective_yaml(config_file: Optional[Path], overrides: dict[str, Any]) -> st
         values.update({name: None for name in missing})
         header += f"# {' and '.join(missing)}: required, set here or give --input / --out\n"
     return header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+
+
+# ------------------------------------------------------------------------------------------------ the terminal
+
+# Loggers that talk at INFO about their own plumbing (Prefect's API client, the faiss loader, model libraries).
+CHATTY_LOGGERS = ("httpx", "httpcore", "prefect", "faiss", "faiss.loader", "sentence_transformers", "transformers",
+                  "torch", "urllib3", "filelock", "huggingface_hub")
+QUIET_WARNINGS = r"(sentence_transformers|transformers|torchvision|huggingface_hub|open_clip|timm)(\.|$)"
+STAGE_NAMES = {"run_wide": "select"}
+
+
+def _not_open_clip_chatter(record: logging.LogRecord) -> bool:
+    """open_clip logs to the root logger (model config, 'no pretrained weights' for the tiny test encoder)."""
+    return not (record.name == "root" and record.levelno < logging.ERROR and "open_clip" in record.pathname)
+
+
+def configure_logging(mode: str) -> Callable[[], None]:
+    """`verbose`: every logger at INFO, bicro_clean at DEBUG (the full log); `default`: warnings of anyone, minus
+    the listed libraries' INFO and known deprecation warnings; `quiet`: errors only. Prefect reads its level from
+    the environment when it is imported. Returns what undoes it (a command run in-process, as in tests)."""
+    names = ("", "bicro_clean", *CHATTY_LOGGERS)
+    levels = {name: logging.getLogger(name).level for name in names}
+    saved_filters, saved_handlers = warnings.filters[:], logging.getLogger().handlers[:]
+    set_env = mode != "verbose" and "PREFECT_LOGGING_LEVEL" not in os.environ
+
+    def restore() -> None:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            handler.removeFilter(_not_open_clip_chatter)
+            if handler not in saved_handlers:
+                root.removeHandler(handler)
+        warnings.filters[:] = saved_filters
+        getattr(warnings, "_filters_mutated", lambda: None)()  # what warnings.catch_warnings does on exit
+        if set_env:
+            os.environ.pop("PREFECT_LOGGING_LEVEL", None)
+
+    if set_env:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "ERROR" if mode == "quiet" else "WARNING"
+        warnings.filterwarnings("ignore", category=FutureWarning, module=QUIET_WARNINGS)
+        warnings.filterwarnings("ignore", category=UserWarning, module=QUIET_WARNINGS)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=QUIET_WARNINGS)
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if mode == "verbose" else "%(levelname)s %(name)s: %(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
+        root.addHandler(handler)
+    for handler in root.handlers:
+        if mode != "verbose" and _not_open_clip_chatter not in handler.filters:
+            handler.addFilter(_not_open_clip_chatter)
+    floor = {"verbose": logging.INFO, "default": logging.WARNING, "quiet": logging.ERROR}[mode]
+    root.setLevel(floor)
+    logging.getLogger("bicro_clean").setLevel(logging.DEBUG if mode == "verbose" else floor)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if mode == "verbose" else max(floor, logging.WARNING))
+    return restore
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{rest:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _stage_detail(stage: str, done: int, total: int, items: int) -> str:
+    if stage == "embed":
+        return f"{done} shards, {items:,} pairs" if total else "all shards cached"
+    if stage == "fit":
+        return f"{items:,} pairs, {done} epochs" if total else "reused checkpoint"
+    if stage in ("score", "write") and done:
+        return f"{done} shards"
+    return ""
+
+
+class Terminal:
+    """The CLI's progress sink (pipeline/progress.py): one rich bar per running stage on a terminal (shards for
+    embed, score and write; epochs for fit) and one line per finished stage; thread-safe (stages report from
+    Prefect's task threads). On a non-terminal stderr no bars are drawn, only the lines."""
+
+    def __init__(self, mode: str) -> None:
+        from rich.console import Console
+
+        self.mode = mode
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.bars = mode != "quiet" and self.console.is_terminal
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def report(self, stage: str, advance: int, total: int, items: int) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(stage, [0, 0, 0])
+            counts[0] += advance
+            counts[1] += total
+            counts[2] += items
+            if self.bars:
+                self._draw(stage, counts)
+
+    def _draw(self, stage: str, counts: list[int]) -> None:
+        from rich import progress as bars
+
+        if self._progress is None:
+            self._progress = bars.Progress(
+                bars.TextColumn("{task.description:<8}"), bars.BarColumn(), bars.MofNCompleteColumn(),
+                bars.TextColumn("{task.fields[unit]}"), bars.TimeElapsedColumn(), bars.TextColumn("eta"),
+                bars.TimeRemainingColumn(), console=self.console, transient=True)
+            self._progress.start()
+        unit = {"fit": "epochs"}.get(stage, "shards") + (f", {counts[2]:,} pairs" if stage == "embed" else "")
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(stage, total=counts[1] or None, unit=unit)
+        self._progress.update(self._tasks[stage], completed=counts[0], total=counts[1] or None, unit=unit)
+
+    def stage_done(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            done, total, items = self._counts.pop(stage, [0, 0, 0])
+            if stage in self._tasks:
+                self._progress.remove_task(self._tasks.pop(stage))
+                if self._tasks:
+                    self._progress.refresh()
+                else:  # the last bar: take the display down (transient), the next stage starts a new one
+                    self._progress.stop()
+                    self._progress = None
+            if self.mode != "quiet":
+                detail = _stage_detail(stage, done, total, items)
+                self.console.print(f"{STAGE_NAMES.get(stage, stage):<9}{detail:<28} {_duration(seconds):>7}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._progress is not None:
+                self._progress.stop()
+                self._progress = None
+            self._tasks.clear()
+
+
+TERMINAL: dict[str, Any] = {"mode": "default"}
+
+
+def start_terminal(mode: str) -> Terminal:
+    """Logging for `mode` and the progress display, installed process-wide until `stop_terminal`."""
+    from bicro_clean.pipeline import progress
+
+    restore = configure_logging(mode)
+    terminal = Terminal(mode)
+    TERMINAL.update(mode=mode, terminal=terminal, restore=restore)
+    progress.install(terminal)
+    return terminal
+
+
+def stop_terminal() -> None:
+    from bicro_clean.pipeline import progress
+
+    restore = TERMINAL.pop("restore", None)
+    if restore is not None:
+        restore()
+    terminal = TERMINAL.pop("terminal", None)
+    if terminal is not None:
+        terminal.close()
+        previous = progress.install(None)
+        if previous is not terminal:  # someone else's sink: leave it
+            progress.install(previous)
+
+
+def print_run_summary(summary: dict[str, Any]) -> None:
+    """The run's result on stdout: quiet, one JSON line; default, a table of counts, reasons and paths; verbose, the
+    table and the whole summary as JSON."""
+    if TERMINAL["mode"] == "quiet":
+        typer.echo(json.dumps(summary, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    reasons = sorted(((n, r) for r, n in summary.get("by_reason", {}).items() if r != "kept"), reverse=True)
+    table = Table(box=None, pad_edge=False)
+    for column in ("in", "kept", "dropped", "errors"):
+        table.add_column(column, justify="right")
+    table.add_column("top reasons")
+    table.add_row(*(f"{summary.get(k, 0):,}" for k in ("in", "kept", "dropped", "errors")),
+                  ", ".join(f"{r} {n:,}" for n, r in reasons[:3]) or "-")
+    console.print(table)
+    cached = f", {summary['cached_shards']} cached" if summary.get("cached_shards") else ""
+    console.print(f"output   {summary.get('output')}  ({summary.get('shards', 0)} shards{cached}, "
+                  f"{_duration(summary.get('total_seconds', 0.0))})")
+    for name in ("report", "manifest"):
+        if summary.get(name):
+            console.print(f"{name:<9}{summary[name]}")
+    if TERMINAL["mode"] == "verbose":
+        typer.echo(json.dumps(summary, indent=2, default=str))

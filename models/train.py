@@ -83,7 +83,7 @@ def labels_from_division(
 
 
 def _log_epoch(epoch: int, params: BiCroParams, info: dict, t0: float) -> None:
-    logger.info("bicro epoch %d/%d %s (%.0fs)", epoch + 1, params.epochs, info, time.time() - t0)
+    logger.debug("bicro epoch %d/%d %s (%.0fs)", epoch + 1, params.epochs, info, time.time() - t0)
 
 
 def fit_bicro(
@@ -94,8 +94,10 @@ def fit_bicro(
     aligned: bool = False,
     device: str = "cpu",
     log_every: int = 1,
+    on_epoch: Callable[[int, dict], None] | None = None,
 ) -> tuple[BiCroModel, Mapping[str, np.ndarray]]:
     """Train BiCro on frozen pair embeddings; returns the model and its outputs for the training pairs.
+    ``on_epoch(epoch, info)`` is called after each epoch (progress display; ``info`` is the logged epoch dict).
 
     keys default to the row numbers as strings (they identify anchors for self-exclusion in score()).
     """
@@ -111,7 +113,7 @@ def fit_bicro(
         data = PairData.build(image_emb, text_emb, device)
         bank = NegativeBank.sample(data, params.bank_size, params.seed)
         trainer = CoTrainer(data, params.train_config(), params.seed, aligned, device)
-        run_cotraining(trainer, data, bank, params, log_every, t0)
+        run_cotraining(trainer, data, bank, params, log_every, t0, on_epoch=on_epoch)
         model = finalise(trainer, data, bank, params, keys, aligned, device)
     logger.info("bicro fit done in %.0fs: %d anchors", time.time() - t0, len(model.anchor_keys))
     return model, TrainingOutputs(model, image_emb, text_emb, keys)
@@ -155,6 +157,7 @@ def run_cotraining(
     t0: float,
     monitor: Callable[[int, CoTrainer, list[Division] | None, list[EpochLabels] | None], None] | None = None,
     keep_embeddings: bool = False,
+    on_epoch: Callable[[int, dict], None] | None = None,
 ) -> None:
     """The co-training loop. ``monitor`` (development only) sees each epoch's divisions and labels; the divisions
     keep their pair embeddings only with ``keep_embeddings`` (4 GB per division at 1M pairs)."""
@@ -165,6 +168,8 @@ def run_cotraining(
             losses = [trainer.warmup_epoch(k, params.warmup_keep_ratio) for k in range(2)]
             if log_every and (epoch + 1) % log_every == 0:
                 _log_epoch(epoch, params, {"warmup_loss": [round(x, 4) for x in losses]}, t0)
+            if on_epoch is not None:
+                on_epoch(epoch, {"warmup_loss": losses})
             if monitor is not None:
                 monitor(epoch, trainer, None, None)
             continue
@@ -192,6 +197,8 @@ def run_cotraining(
             }
         if log_every and (epoch + 1) % log_every == 0:
             _log_epoch(epoch, params, info, t0)
+        if on_epoch is not None:
+            on_epoch(epoch, info)
         if monitor is not None:
             monitor(epoch, trainer, divs, labs)
 

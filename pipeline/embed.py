@@ -36,7 +36,7 @@ from bicro_clean.pipeline.device_decode import (
     jpeg_path,
     resolve_chunk,
 )
-from bicro_clean.pipeline import resume
+from bicro_clean.pipeline import progress, resume
 from bicro_clean.pipeline.layout import embedding_path
 from bicro_clean.pipeline.parquet_io import (
     cpu_threads,
@@ -351,15 +351,13 @@ def embed_shards(config: CleanConfig, encoder: Encoder | None = None,
 
 def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: CleanConfig,
                 timings: EmbedTimings) -> list[ShardResult]:
-    from tqdm import tqdm
-
     targets = {shard: (path, key) for shard, path, key in todo}
     pending: dict[str, _ShardAccumulator] = {}
     results = []
     decoder = None
     if jpeg_path(config.embed.jpeg_decode, encoder) == "device":
         decoder = device_decoder(encoder, config.reader, decode_side(encoder))
-    bar = tqdm(total=None, unit="pair", disable=not config.embed.progress, desc="embed")
+    progress.report("embed", total=len(todo))  # shards; pairs are counted beside (a tar's count costs a read)
     clock = time.perf_counter()
     with LOAD_LOCK:  # forks the decode workers: never while another thread builds a model
         chunks = iter(_loader([t[0] for t in todo], encoder, config, batch_jpegs=decoder is not None))
@@ -369,14 +367,14 @@ def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: Clea
         image, text = _encode_chunk(encoder, chunk, acc, timings, decoder)  # may rewrite chunk.rows' failures
         acc.add(chunk.rows, image, text)
         timings.samples += len(chunk.rows)
-        bar.update(len(chunk.rows))
+        progress.report("embed", items=len(chunk.rows))
         if chunk.last:
             t0 = time.perf_counter()
             results.append(_write_shard(pending.pop(chunk.shard), chunk.shard, *targets[chunk.shard],
                                         encoder, config))
             timings.write_s += time.perf_counter() - t0
+            progress.report("embed", advance=1)
         clock = time.perf_counter()
-    bar.close()
     return results
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bicro_clean.pipeline import resume
+from bicro_clean.pipeline import progress, resume
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.layout import checkpoint_path
 from bicro_clean.pipeline.parquet_io import atomic_output, digest, join, package_version, read_columns
@@ -103,6 +103,8 @@ def fit_stage(config: CleanConfig, embedding_paths: list[str]) -> str:
     params = BiCroParams(**config.bicro.model_dump(exclude={"fit_sample"}))
     aligned = bool(run_encoder(embedding_paths).get("aligned"))
     logger.info("fit: %d pairs on %s (aligned encoder: %s)", len(keys), device(), aligned)
-    model, _ = fit_bicro(image, text, params, keys=keys, aligned=aligned, device=device())
+    progress.report("fit", total=params.epochs, items=len(keys))
+    model, _ = fit_bicro(image, text, params, keys=keys, aligned=aligned, device=device(),
+                         on_epoch=lambda epoch, info: progress.report("fit", advance=1))
     save_checkpoint(model, path)
     return path

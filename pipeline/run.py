@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable, Protocol, TypeVar
 
-from bicro_clean.pipeline import select
+from bicro_clean.pipeline import progress, select
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.embed import embed_stage
 from bicro_clean.pipeline.finalize import finalize_stage, total_counts
@@ -71,7 +71,9 @@ class StageClock:
         try:
             return run(*args)
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+            progress.stage_done(stage, seconds)  # the display's line for this stage (pipeline/progress.py)
 
     def summary(self) -> dict[str, Any]:
         return {"stage_seconds": {k: round(v, 2) for k, v in self.seconds.items()},
@@ -91,8 +93,10 @@ def run_stages(config: CleanConfig, executor: Executor,
     embedded = [path for batch in batches for path in batch]
     select.check_select(config, run_encoder(embedded))
     checkpoint = clock("fit", executor.call, fit_stage, config, embedded)
+    progress.report("score", total=len(shards))
     scores = clock("score", executor.map, score_stage, shards, config, checkpoint)
     run_wide = clock("run_wide", executor.call, select.run_wide_values, config, embedded, scores)
+    progress.report("write", total=len(shards))
     written = clock("write", executor.map, write_stage, shards, config, run_wide)
     manifest = clock("finalize", executor.call, finalize_stage, config, [shard_id(s) for s in shards], checkpoint)
     report_path = clock("report", executor.call, report_stage, config, manifest) if report else None

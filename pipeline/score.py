@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bicro_clean.pipeline import resume
+from bicro_clean.pipeline import progress, resume
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.layout import embedding_path, scores_path
 from bicro_clean.pipeline.parquet_io import (
@@ -213,4 +213,6 @@ def score_shard(shard: str, output: str, checkpoint_path: str, model: Any | None
 
 def score_stage(shard: str, config: CleanConfig, checkpoint_path: str) -> str:
     """The score stage of a run: one shard's scores file from its embeddings and the run's checkpoint."""
-    return score_shard(shard, config.output, checkpoint_path)
+    path = score_shard(shard, config.output, checkpoint_path)
+    progress.report("score", advance=1)
+    return path

@@ -17,7 +17,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from bicro_clean.pipeline import resume, select
+from bicro_clean.pipeline import progress, resume, select
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
 from bicro_clean.pipeline.layout import (
     SHARDS_DIR,
@@ -229,9 +229,11 @@ def write_stage(shard: str, config: CleanConfig, run_wide: select.RunWide) -> di
     marker = result_path(config.output, sid)
     done = resume.completed_result(marker, key, config.output, "annotated")
     if done is not None:
+        progress.report("write", advance=1)
         return summary(done, cached=True)
     plan = {**select.shard_decisions(config, table, run_wide.cutoff), "table": table, "output_key": new_keys,
             "truth_clean": [None] * table.num_rows, "output_shard": [None] * table.num_rows}
     result = _shard_result(config, shard, scores_meta, key, plan, run_wide.cutoff, keys)
     write_json_atomic(marker, result)
+    progress.report("write", advance=1)
     return summary(result, cached=False)

@@ -172,12 +172,15 @@ def run_cmd(
     flags = {k: v for k, v in locals().items() if k != "config_file"}
     cfg = build_config(config_file, _run_overrides(**flags))
     check_io(cfg)  # before any model loads or Prefect starts
+    from bicro_clean.pipeline.outlock import OutputBusyError
     from bicro_clean.pipeline.shards import InputError
 
     try:
         summary = run_with_runner(cfg)
     except InputError as error:  # the input changed after the check: still one line
         raise fail("input", error)
+    except OutputBusyError as error:
+        raise fail("output", error)
     print_run_summary(summary)
 
 

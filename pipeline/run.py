@@ -13,11 +13,13 @@ import logging
 import time
 from typing import Any, Callable, Protocol, TypeVar
 
-from bicro_clean.pipeline import progress, select
+from bicro_clean.pipeline import progress, resume, select
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.embed import embed_stage
 from bicro_clean.pipeline.finalize import finalize_stage, total_counts
 from bicro_clean.pipeline.fit import fit_stage, run_encoder
+from bicro_clean.pipeline.outlock import output_lock
+from bicro_clean.pipeline.parquet_io import digest
 from bicro_clean.pipeline.report import write_report
 from bicro_clean.pipeline.score import score_stage
 from bicro_clean.pipeline.shards import expand_shard_spec, shard_id
@@ -85,9 +87,16 @@ def run_stages(config: CleanConfig, executor: Executor,
     """The whole run on `executor`: the summary (counts, paths, shards reused from an earlier run, each stage's
     wall seconds `stage_seconds` and the run's `total_seconds`) and each shard's write summary. `report=False`
     leaves out report.html (the load test measures the data path alone)."""
-    clock = StageClock()
     select.check_select(config)
     shards = input_shards(config)
+    # one set of inputs and configuration at a time per output folder (pipeline/outlock.py)
+    with output_lock(config.output, digest(resume.config_hash(config), [shard_id(s) for s in shards])):
+        return _run_stages(config, executor, shards, report)
+
+
+def _run_stages(config: CleanConfig, executor: Executor, shards: list[str],
+                report: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    clock = StageClock()
     logger.info("run: %d input shards -> %s", len(shards), config.output)
     batches = clock("embed", executor.map, embed_stage, executor.shard_batches(shards), config)
     embedded = [path for batch in batches for path in batch]

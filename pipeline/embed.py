@@ -40,7 +40,8 @@ from bicro_clean.pipeline import progress, resume
 from bicro_clean.pipeline.layout import embedding_path
 from bicro_clean.pipeline.parquet_io import (
     cpu_threads,
-    input_fingerprint,
+    read_columns,
+    shard_fingerprint,
     package_version,
     read_stage_metadata,
     write_parquet_atomic,
@@ -177,7 +178,7 @@ def embed_key(shard: str, encoder: Encoder, config: CleanConfig) -> str:
     decode = {"jpeg_reduced_decode_side": decode_side(encoder)}
     if jpeg_path(config.embed.jpeg_decode, encoder) == "device":
         decode["jpeg_decode"] = "device"
-    return resume.stage_key(input_fingerprint(shard), encoder.describe(), config.reader.digest(),
+    return resume.stage_key(shard_fingerprint(shard), encoder.describe(), config.reader.digest(),
                             config.embed.model_dump(exclude=resume.RUNTIME_ONLY | {"jpeg_decode"}), decode)
 
 
@@ -296,6 +297,14 @@ def _reason_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
+def _was_unreadable(path: str) -> bool:
+    """The cached file is one shard_unreadable row (a 404, a gone mount): read the shard again, it may be back."""
+    meta = read_stage_metadata(path) or {}
+    if int(meta.get("samples", 0)) != 1 or int(meta.get("errors", 0)) != 1:
+        return False
+    return read_columns(path, ["reason"])["reason"].to_pylist() == ["shard_unreadable"]
+
+
 def _cached_result(shard: str, path: str) -> ShardResult:
     meta = read_stage_metadata(path) or {}
     samples, errors = int(meta.get("samples", 0)), int(meta.get("errors", 0))
@@ -339,7 +348,7 @@ def embed_shards(config: CleanConfig, encoder: Encoder | None = None,
         shards = list(expand_shard_spec(config.input, allow_pipe=config.reader.allow_pipe))
     for shard in shards:
         path, key = embedding_path(config.output, shard), embed_key(shard, encoder, config)
-        if resume.parquet_is_current(path, key):
+        if resume.parquet_is_current(path, key) and not _was_unreadable(path):
             results.append(_cached_result(shard, path))
         else:
             todo.append((shard, path, key))

@@ -86,6 +86,17 @@ def input_fingerprint(url: str) -> str:
     return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def shard_fingerprint(url: str) -> str:
+    """input_fingerprint, or for an input without a cheap identity (a pipe: command, an HTTP URL that answers 404,
+    a path that is gone) a stand-in derived from the spec: reading it then records shard_unreadable (or the
+    command's output) instead of the whole run failing on its cache key."""
+    try:
+        return input_fingerprint(url)
+    except Exception as error:  # any backend's error: the reader reports the real problem in its row
+        logger.debug("no fingerprint for %s (%s): keyed by its spec", url, type(error).__name__)
+        return "spec-" + digest(url)
+
+
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with fsspec.open(path, "rb") as fh:

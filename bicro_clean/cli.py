@@ -19,6 +19,7 @@ use_one_malloc_arena()  # before Prefect, Dask or torch start threads (see pipel
 # the client's SDK analytics (prefect/_internal/analytics honours DO_NOT_TRACK).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar
 
 import typer  # noqa: E402
 from pydantic import ValidationError  # noqa: E402

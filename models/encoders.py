@@ -291,9 +291,9 @@ def _text_tower(spec: str, device: torch.device) -> tuple[Any, int, str]:
         path = Path(spec)
         if not path.is_dir():
             raise ValueError(f"text tower {spec!r} is not a local sentence-transformers directory")
-    # local_files_only: a local folder must never trigger a hub download.
-    model = SentenceTransformer(str(path), device=str(device), local_files_only=True)
-    return model, int(model.get_sentence_embedding_dimension()), str(path)
+    model = SentenceTransformer(str(path), device=str(device), local_files_only=True)  # never a hub download
+    dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension  # renamed
+    return model, int(dimension()), str(path)
 
 
 def load_towers(spec: str, device: torch.device, use_autocast: bool = True) -> TowersEncoder:

@@ -33,6 +33,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from bicro_clean.pipeline.outlock import LOCK_DIR
+
 from conftest import TINY_BICRO, TINY_EMBED
 
 BIN = Path(sys.executable).parent
@@ -83,6 +85,8 @@ def _files(root: Path) -> tuple[set[str], set[str]]:
     """(final-named files, temp files) under root, as relative paths."""
     final, temp = set(), set()
     for folder, _, names in os.walk(root):
+        if os.path.relpath(folder, root).split(os.sep)[0] == LOCK_DIR:  # empty advisory lock files, not outputs
+            continue
         for name in names:
             rel = os.path.relpath(os.path.join(folder, name), root)
             (temp if name.startswith(TMP_PREFIX) else final).add(rel)

@@ -81,8 +81,9 @@ def test_the_entry_point_runs_a_whole_job_from_the_installed_wheel(fresh_venv, t
     config = {"embed": {"encoder": "tiny", "num_workers": 0, "progress": False},
               "bicro": {"embed_dim": 16, "hidden_dim": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8}}
     (tmp_path / "run.json").write_text(json.dumps(config))  # YAML is a superset of JSON
-    done = subprocess.run([exe, "run", "-c", str(tmp_path / "run.json"), "--input", str(tmp_path / "shards/*.tar"),
-                           "--out", str(tmp_path / "out"), "--runner", "none"],
+    # --quiet: the summary as one JSON line
+    done = subprocess.run([exe, "--quiet", "run", "-c", str(tmp_path / "run.json"),
+                           "--input", str(tmp_path / "shards/*.tar"), "--out", str(tmp_path / "out"), "--runner", "none"],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)

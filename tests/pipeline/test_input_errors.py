@@ -139,18 +139,3 @@ def test_the_console_script_prints_only_the_line(tree, runner):
                           capture_output=True, text=True, timeout=120, cwd=tree)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [f"input error: no shard matches 'nope/*.tar' (working directory {tree})"]
-
-
-@pytest.mark.slow
-def test_a_flow_run_fails_with_the_same_line(tree, tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    from conftest import tiny_config
-
-    from bicro_clean.flows.clean_shards import clean_shards
-
-    config = tiny_config(str(tree / "shards" / "{00000..00003}.tar"), tree / "out")
-    with pytest.raises(InputError) as caught:
-        list(expand_shard_spec(config.input))
-    state = clean_shards(config=config, return_state=True)
-    assert state.is_failed() and str(caught.value) in state.message

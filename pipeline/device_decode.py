@@ -182,7 +182,9 @@ def _fail_row(rows: list[dict[str, Any]], index: int, outcome: ReadIssue | Trans
     """The row the CPU path writes for this failure (the embed stage's `_row` of the issue, or the transform
     failure marked on the ok row)."""
     if isinstance(outcome, ReadIssue):
+        ids = {name: rows[index].get(name) for name in ("url", "uid")}  # from the sample's .json, read in the worker
         rows[index] = issue_row(outcome)
+        rows[index].update({name: value for name, value in ids.items() if rows[index].get(name) is None})
     else:
         rows[index].update(status="error", reason="decode_error", detail=outcome.detail, image_sha256=None)
 

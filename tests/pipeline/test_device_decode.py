@@ -195,3 +195,14 @@ def test_cuda_path_matches_the_cpu_path(jpeg_shards, tmp_path):
     assert cuda.select(ROW_COLUMNS).equals(cpu.select(ROW_COLUMNS))
     cosine = np.sum(_ok_matrix(cuda, "image_emb") * _ok_matrix(cpu, "image_emb"), axis=1)
     assert cosine.min() > MIN_COSINE, cosine.min()
+
+
+def test_a_refused_image_keeps_the_rows_url_and_uid():
+    from bicro_clean.pipeline.device_decode import _fail_row
+    from bicro_clean.pipeline.shards import ReadIssue
+
+    rows = [{"key": "k", "status": "ok", "url": "http://x/k.jpg", "uid": "ab" * 16}]
+    issue = ReadIssue("s.tar", "k", "decode_error", "nvJPEG and PIL refused it")  # the fallback has no .json
+    _fail_row(rows, 0, issue, lambda i: {"key": i.key, "status": "error", "reason": i.reason, "url": i.url,
+                                         "uid": i.uid})
+    assert rows[0]["status"] == "error" and rows[0]["url"] == "http://x/k.jpg" and rows[0]["uid"] == "ab" * 16

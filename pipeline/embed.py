@@ -297,16 +297,18 @@ def _reason_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def _was_unreadable(path: str) -> bool:
+def _was_unreadable(path: str, meta: dict[str, Any]) -> bool:
     """The cached file is one shard_unreadable row (a 404, a gone mount): read the shard again, it may be back."""
-    meta = read_stage_metadata(path) or {}
     if int(meta.get("samples", 0)) != 1 or int(meta.get("errors", 0)) != 1:
         return False
     return read_columns(path, ["reason"])["reason"].to_pylist() == ["shard_unreadable"]
 
 
-def _cached_result(shard: str, path: str) -> ShardResult:
+def _cached_result(shard: str, path: str, key: str) -> ShardResult | None:
+    """The shard's result from its embedding file when that file is current (one metadata read), else None."""
     meta = read_stage_metadata(path) or {}
+    if meta.get(resume.KEY) != key or _was_unreadable(path, meta):
+        return None
     samples, errors = int(meta.get("samples", 0)), int(meta.get("errors", 0))
     return ShardResult(shard, path, samples, samples - errors, errors, cached=True)
 
@@ -348,8 +350,9 @@ def embed_shards(config: CleanConfig, encoder: Encoder | None = None,
         shards = list(expand_shard_spec(config.input, allow_pipe=config.reader.allow_pipe))
     for shard in shards:
         path, key = embedding_path(config.output, shard), embed_key(shard, encoder, config)
-        if resume.parquet_is_current(path, key) and not _was_unreadable(path):
-            results.append(_cached_result(shard, path))
+        cached = _cached_result(shard, path, key)
+        if cached is not None:
+            results.append(cached)
         else:
             todo.append((shard, path, key))
     logger.info("embed: %d shards cached, %d to do", len(results), len(todo))

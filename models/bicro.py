@@ -16,11 +16,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from bicro_clean.models.anchors import AnchorIndex
+from bicro_clean.models.clean_score import CleanScorer, evidence_matrix
 from bicro_clean.models.consistency import consistency_labels, consistency_space, soft_labels, top_anchor_mask
 from bicro_clean.models.cotrain import NegativeBank, embed_pairs, torch_threads
 from bicro_clean.models.forward import chunked, row_hashes
@@ -31,9 +33,9 @@ from bicro_clean.models.params import BiCroParams
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_FLOAT = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score")
+OUTPUT_FLOAT = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score", "loss0", "loss1")
 OUTPUT_INT = ("anchor_for_image", "anchor_for_text")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the clean_score calibration (models/clean_score.py)
 
 
 # Rows per fixed-shape scoring chunk. On the 2-core AVX2 machine MKL's sgemm ran at 17 GFLOP/s on 256-row
@@ -125,6 +127,7 @@ class BiCroModel:
         self.anchor_keys = list(anchor_keys)
         self.aligned = aligned
         self.device = torch.device(device)
+        self.clean_scorer: CleanScorer | None = None  # fitted by models.train.finalise, after the anchors
 
     # Replacing the anchor bank (finalise does, after construction) drops the prepared search state.
     @property
@@ -219,14 +222,14 @@ class BiCroModel:
         inv_i = torch.from_numpy(g_img[1]).to(self.device)
         inv_t = torch.from_numpy(g_txt[1]).to(self.device)
         ih_t, th_t = torch.from_numpy(ih).to(self.device), torch.from_numpy(th).to(self.device)
-        p_nets, img_u, txt_u, img_nets, txt_nets = [], [], [], [], []
+        p_nets, losses_nets, img_u, txt_u, img_nets, txt_nets = [], [], [], [], [], []
         for k, (net, mix, (lo, hi)) in enumerate(zip(self.nets, self.mixtures, self.loss_ranges)):
             img_u.append(chunked(net.embed_images, image, chunk))
             txt_u.append(chunked(net.embed_texts, text, chunk))
             img_nets.append(img_u[-1][inv_i])
             txt_nets.append(txt_u[-1][inv_t])
-            losses = self._bank_losses(k, img_nets[-1], txt_nets[-1], ih_t, th_t)
-            p_nets.append(mix.posterior_clean(normalise_losses(losses, lo, hi)))
+            losses_nets.append(normalise_losses(self._bank_losses(k, img_nets[-1], txt_nets[-1], ih_t, th_t), lo, hi))
+            p_nets.append(mix.posterior_clean(losses_nets[-1]))
         both = torch.cat([torch.cat(img_nets, 1), torch.cat(txt_nets, 1)], 1)
         d = img_nets[0].shape[1]
         # mean of the two networks' cosines, on fixed-shape chunks
@@ -251,7 +254,18 @@ class BiCroModel:
             "match_score": match.cpu().numpy().astype(np.float32),
             "anchor_for_image": a_i.numpy().astype(np.int64),
             "anchor_for_text": a_t.numpy().astype(np.int64),
-        }
+            "loss0": losses_nets[0],
+            "loss1": losses_nets[1],
+        } | self._clean_score(c_np, r_i2t, r_t2i, match, losses_nets)
+
+    def _clean_score(self, c_np: np.ndarray, *evidence: Any) -> dict[str, np.ndarray]:
+        """{"clean_score": float64 P(clean)} once the scorer is fitted; {} before (finalise's own scoring)."""
+        if self.clean_scorer is None:
+            return {}
+        r_i2t, r_t2i, match, losses = evidence
+        columns = {"r_i2t": r_i2t.double().cpu().numpy(), "r_t2i": r_t2i.double().cpu().numpy(),
+                   "match_score": match.double().cpu().numpy(), "loss0": losses[0], "loss1": losses[1]}
+        return {"clean_score": self.clean_scorer(evidence_matrix(columns))}
 
     def score(
         self, image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str] | None = None, batch_size: int = 65536
@@ -270,7 +284,8 @@ class BiCroModel:
             for s in range(0, n, step):
                 parts.append(self._score_block(image_emb[s : s + step], text_emb[s : s + step], own[s : s + step]))
         if not parts:
-            return {k: np.zeros(0, np.float32) for k in OUTPUT_FLOAT} | {k: np.zeros(0, np.int64) for k in OUTPUT_INT}
+            empty = {k: np.zeros(0, np.float32) for k in OUTPUT_FLOAT} | {k: np.zeros(0, np.int64) for k in OUTPUT_INT}
+            return empty | ({"clean_score": np.zeros(0)} if self.clean_scorer is not None else {})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     # ---- persistence
@@ -294,6 +309,9 @@ class BiCroModel:
         tensors["bank.text"] = self.bank.text.cpu().contiguous()
         tensors["bank.image_hash"] = torch.from_numpy(self.bank.image_hash.copy())
         tensors["bank.text_hash"] = torch.from_numpy(self.bank.text_hash.copy())
+        if self.clean_scorer is None:
+            raise ValueError("an unfinished model (no clean_score calibration) cannot be saved")
+        tensors["clean_scorer"] = self.clean_scorer.to_tensor()
         tensors["anchor.image"] = self.anchor_img.cpu().contiguous()
         tensors["anchor.text"] = self.anchor_txt.cpu().contiguous()
         save_file(tensors, str(path / "tensors.safetensors"))
@@ -339,7 +357,7 @@ class BiCroModel:
             tensors["bank.image_hash"].numpy(),
             tensors["bank.text_hash"].numpy(),
         )
-        return cls(
+        model = cls(
             params,
             nets,
             mixtures,
@@ -352,6 +370,8 @@ class BiCroModel:
             device,
             centers,
         )
+        model.clean_scorer = CleanScorer.from_tensor(tensors["clean_scorer"])
+        return model
 
 
 def ensemble(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -18,6 +18,7 @@ import torch
 
 from bicro_clean.models.anchors import AnchorIndex
 from bicro_clean.models.bicro import BiCroModel
+from bicro_clean.models.clean_score import CleanScorer, evidence_matrix
 from bicro_clean.models.consistency import (
     clean_set,
     consistency_labels,
@@ -32,6 +33,8 @@ from bicro_clean.models.matcher import Matcher
 from bicro_clean.models.params import BiCroParams
 
 logger = logging.getLogger(__name__)
+
+REFERENCE_STREAM = 0x2EF0CE  # seeds the re-pairing of clean_score's reference set; no other draw uses it
 
 
 @dataclass
@@ -115,33 +118,32 @@ def fit_bicro(
         trainer = CoTrainer(data, params.train_config(), params.seed, aligned, device)
         run_cotraining(trainer, data, bank, params, log_every, t0, on_epoch=on_epoch)
         model = finalise(trainer, data, bank, params, keys, aligned, device)
+        outputs = calibrate_clean_score(model, image_emb, text_emb, keys, params.seed)
     logger.info("bicro fit done in %.0fs: %d anchors", time.time() - t0, len(model.anchor_keys))
-    return model, TrainingOutputs(model, image_emb, text_emb, keys)
+    return model, outputs
 
 
-class TrainingOutputs(Mapping):
-    """The fitted model's outputs for the training pairs (model.score), computed on first access: the pipeline's
-    fit stage discards them (the score stage scores every pair), and scoring the fit sample cost ~10 % of the fit."""
+def reference_pairing(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation with no fixed point: row i's caption meets image perm[i], never its own."""
+    perm = np.random.default_rng((seed, REFERENCE_STREAM)).permutation(n)
+    fixed = np.flatnonzero(perm == np.arange(n))
+    if n > 1 and len(fixed):  # rotate the fixed points among themselves (or swap a lone one with its neighbour)
+        if len(fixed) > 1:
+            perm[fixed] = perm[np.roll(fixed, 1)]
+        else:
+            other = (fixed[0] + 1) % n
+            perm[fixed[0]], perm[other] = perm[other], perm[fixed[0]]
+    return perm
 
-    def __init__(self, model: BiCroModel, image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str]) -> None:
-        self._args: tuple | None = (model, image_emb, text_emb, keys)
-        self._outputs: dict[str, np.ndarray] | None = None
 
-    def _get(self) -> dict[str, np.ndarray]:
-        if self._outputs is None:
-            assert self._args is not None
-            model, image_emb, text_emb, keys = self._args
-            self._outputs, self._args = model.score(image_emb, text_emb, keys), None
-        return self._outputs
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self._get()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._get())
-
-    def __len__(self) -> int:
-        return len(self._get())
+def calibrate_clean_score(model: BiCroModel, image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str],
+                          seed: int) -> dict[str, np.ndarray]:
+    """Fit the model's clean_score (models/clean_score.py) on the training pairs against the same pairs with
+    their images permuted, and return the training pairs' outputs, clean_score included."""
+    outputs = model.score(image_emb, text_emb, keys)
+    reference = model.score(image_emb[reference_pairing(len(image_emb), seed)], text_emb)
+    model.clean_scorer = CleanScorer.fit(evidence_matrix(outputs), evidence_matrix(reference))
+    return outputs | {"clean_score": model.clean_scorer(evidence_matrix(outputs))}
 
 
 def noisy_start_epoch(params: BiCroParams) -> int:

@@ -92,10 +92,12 @@ COSINE_COLUMNS = ("match_score", "encoder_cosine")  # in [-1, 1]; every other sc
 
 class SelectConfig(_Section):
     column: Literal[
-        "soft_label", "p_clean", "consistency", "r_i2t", "r_t2i", "match_score", "encoder_cosine"
-    ] = Field("soft_label", description="Score column the rule applies to (encoder_cosine: aligned encoders).")
+        "clean_score", "soft_label", "p_clean", "consistency", "r_i2t", "r_t2i", "match_score", "encoder_cosine"
+    ] = Field("clean_score", description="Score column the rule applies to. clean_score: calibrated P(clean), "
+              "no ties; soft_label: BiCro's training label; encoder_cosine: aligned encoders only.")
     threshold: float = Field(0.5, allow_inf_nan=False, description="Keep rows whose column is >= threshold: in "
-                             "[0, 1] for soft_label, p_clean, consistency, r_i2t, r_t2i; [-1, 1] for the cosines.")
+                             "[0, 1] for clean_score, soft_label, p_clean, consistency, r_i2t, r_t2i; [-1, 1] for "
+                             "the cosines.")
     keep_fraction: float | None = Field(None, gt=0, le=1, description="Keep this top fraction instead.")
 
     @model_validator(mode="after")

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILES = ("tensors.safetensors", "model.json")  # what BiCroModel.save writes; model.json last
 BATCH_ROWS = 4096  # rows per Parquet batch for a model that does not say (BiCroModel.score_batch_rows does)
 FLOAT_SCORES = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score")
+# float64: a calibrated probability near 0 or 1 needs the digits (float32 ties every pair with log-odds past ~17)
+DOUBLE_SCORES = ("clean_score",)
 ANCHOR_COLUMNS = {"anchor_key_i2t": "anchor_for_image", "anchor_key_t2i": "anchor_for_text"}
 BASE_COLUMNS = ("shard", "key", "status", "reason", "detail", "caption", "width", "height", "url", "uid")
 
@@ -54,6 +56,7 @@ def pair_key(shard: str, key: str) -> str:
 def score_schema() -> pa.Schema:
     fields = [pa.field(c, pa.int32() if c in ("width", "height") else pa.string()) for c in BASE_COLUMNS]
     fields += [pa.field(c, pa.float32()) for c in FLOAT_SCORES]
+    fields += [pa.field(c, pa.float64()) for c in DOUBLE_SCORES]
     fields += [pa.field(c, pa.string()) for c in ANCHOR_COLUMNS]
     return pa.schema(fields + [pa.field("encoder_cosine", pa.float32())])
 
@@ -117,6 +120,7 @@ def score_batch(model: Any, batch: pa.RecordBatch, aligned: bool) -> dict[str, A
     """Score columns for one batch of embedding rows: full length, NaN / None on error rows."""
     ok = np.asarray(batch.column("status").to_pylist(), dtype=object) == "ok"
     out: dict[str, Any] = {c: np.full(batch.num_rows, np.nan, dtype=np.float32) for c in FLOAT_SCORES}
+    out.update({c: np.full(batch.num_rows, np.nan) for c in DOUBLE_SCORES})
     out.update({c: [None] * batch.num_rows for c in ANCHOR_COLUMNS})
     out["encoder_cosine"] = np.full(batch.num_rows, np.nan, dtype=np.float32)
     if not ok.any():
@@ -135,6 +139,8 @@ def score_batch(model: Any, batch: pa.RecordBatch, aligned: bool) -> dict[str, A
 def _fill(out: dict[str, Any], ok: np.ndarray, scored: dict[str, np.ndarray], model: Any) -> None:
     for column in FLOAT_SCORES:
         out[column][ok] = np.asarray(scored[column], dtype=np.float32)
+    for column in DOUBLE_SCORES:
+        out[column][ok] = np.asarray(scored[column], dtype=np.float64)
     rows = np.flatnonzero(ok)
     for column, index_name in ANCHOR_COLUMNS.items():
         for row, name in zip(rows, _anchor_names(model, scored[index_name])):
@@ -145,6 +151,7 @@ def _batch_table(batch: pa.RecordBatch, scores: dict[str, Any]) -> pa.Table:
     schema = score_schema()
     arrays = [batch.column(c) for c in BASE_COLUMNS]
     arrays += [pa.array(scores[c], type=pa.float32(), from_pandas=True) for c in FLOAT_SCORES]
+    arrays += [pa.array(scores[c], type=pa.float64(), from_pandas=True) for c in DOUBLE_SCORES]
     arrays += [pa.array(scores[c], type=pa.string()) for c in ANCHOR_COLUMNS]
     arrays.append(pa.array(scores["encoder_cosine"], type=pa.float32(), from_pandas=True))
     return pa.Table.from_arrays([a.cast(f.type) for a, f in zip(arrays, schema)], schema=schema)
@@ -179,7 +186,7 @@ def encoder_info(embedding_path: str) -> dict[str, Any]:
 # Bumped when the same checkpoint and embeddings score differently (2: the "pca" anchor search on the CPU; 3: its
 # IVF candidates from 4,096 anchor rows), so a rerun recomputes scores files made by the
 # older scoring instead of reusing them.
-SCORING_VERSION = 3
+SCORING_VERSION = 4  # 4: clean_score
 
 
 def score_key(embedding_meta: dict[str, Any], checkpoint_sha: str) -> str:

@@ -33,11 +33,10 @@ logger = logging.getLogger(__name__)
 
 KEEP, DROP, ERROR = "keep", "drop", "error"
 REASON_KEPT = "kept"
-REASON_NOISY = "noisy_division"
 REASON_BELOW_FRACTION = "below_keep_fraction"
-SCORE_COLUMNS = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score", "encoder_cosine")
-# Columns that are not BiCro's own opinion: a drop under them is reported as the rule, never as noisy_division.
-NON_BICRO_COLUMNS = ("encoder_cosine",)
+SCORE_COLUMNS = (
+    "clean_score", "p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score", "encoder_cosine"
+)
 
 
 @dataclass(frozen=True)
@@ -129,18 +128,14 @@ def keep_by_threshold(values: np.ndarray, threshold: float) -> np.ndarray:
     return ~np.isnan(values) & (values >= threshold)
 
 
-def drop_reasons(column: str, p_clean: np.ndarray, clean_threshold: float, by_fraction: bool) -> np.ndarray:
-    """Why each row would be dropped: the mixture's noisy set first (BiCro columns), else the rule."""
-    rule = REASON_BELOW_FRACTION if by_fraction else low_reason(column)
-    reasons = np.full(len(p_clean), rule, dtype=object)
-    if column not in NON_BICRO_COLUMNS:
-        reasons[np.asarray(p_clean, dtype=np.float64) <= clean_threshold] = REASON_NOISY
-    return reasons
+def drop_reasons(column: str, n: int, by_fraction: bool) -> np.ndarray:
+    """Why each row would be dropped: the rule the user chose (low_<column> or below_keep_fraction), nothing
+    else, so a drop can always be traced to the column and the threshold or fraction that caused it."""
+    return np.full(n, REASON_BELOW_FRACTION if by_fraction else low_reason(column), dtype=object)
 
 
-def decide(ok: np.ndarray, error_reason: np.ndarray, values: np.ndarray, p_clean: np.ndarray,
-           shards: np.ndarray, keys: np.ndarray, *, column: str, threshold: float, clean_threshold: float,
-           cutoff: Cutoff | None = None) -> tuple[np.ndarray, np.ndarray]:
+def decide(ok: np.ndarray, error_reason: np.ndarray, values: np.ndarray, shards: np.ndarray, keys: np.ndarray, *,
+           column: str, threshold: float, cutoff: Cutoff | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(decision, reason) per row. `cutoff` switches from the threshold rule to the keep-fraction rule.
 
     Error rows (`ok` False) keep the reader's reason code; their score values are ignored.
@@ -151,7 +146,7 @@ def decide(ok: np.ndarray, error_reason: np.ndarray, values: np.ndarray, p_clean
     else:
         kept = keep_by_cutoff(values, shards, keys, cutoff)
     kept &= ok
-    reason = drop_reasons(column, p_clean, clean_threshold, cutoff is not None)
+    reason = drop_reasons(column, len(ok), cutoff is not None)
     reason[kept] = REASON_KEPT
     reason[~ok] = np.asarray(error_reason, dtype=object)[~ok]
     decision = np.where(kept, KEEP, DROP).astype(object)
@@ -159,14 +154,12 @@ def decide(ok: np.ndarray, error_reason: np.ndarray, values: np.ndarray, p_clean
     return decision, reason
 
 
-def drop_details(reason: np.ndarray, values: np.ndarray, p_clean: np.ndarray, *, column: str, threshold: float,
-                 clean_threshold: float, cutoff: Cutoff | None = None) -> list[str | None]:
+def drop_details(reason: np.ndarray, values: np.ndarray, *, column: str, threshold: float,
+                 cutoff: Cutoff | None = None) -> list[str | None]:
     """A short human-readable why for each dropped row (None elsewhere), e.g. 'soft_label=0.31 < 0.5'."""
     out: list[str | None] = [None] * len(reason)
     for i, code in enumerate(reason):
-        if code == REASON_NOISY:
-            out[i] = f"p_clean={float(p_clean[i]):.4g} <= clean_threshold={clean_threshold:g}"
-        elif code == REASON_BELOW_FRACTION and cutoff is not None:
+        if code == REASON_BELOW_FRACTION and cutoff is not None:
             out[i] = f"{column}={float(values[i]):.4g} below the top {cutoff.n_keep} of {cutoff.n_scored}"
         elif code == low_reason(column):
             out[i] = f"{column}={float(values[i]):.4g} < threshold={threshold:g}"
@@ -205,20 +198,21 @@ def duplicate_keys(embedding_paths: Iterable[str]) -> frozenset[str]:
 
 
 def _score_column(path: str, column: str) -> np.ndarray:
-    # float32 as stored (4 bytes a row for the whole run); nulls (error rows) become NaN
-    return read_columns(path, [column])[column].to_numpy().astype(np.float32)
+    """The column as stored: float32 score columns stay 4 bytes a row for the whole run, clean_score keeps its
+    float64 digits (a float32 copy would tie pairs it tells apart). Nulls (error rows) become NaN."""
+    values = read_columns(path, [column])[column]
+    return values.to_numpy().astype(values.type.to_pandas_dtype())
 
 
 def _tied(path: str, column: str, value: float) -> list[tuple[str, str]]:
     table = read_columns(path, ["shard", "key", column])
-    hit = table[column].to_numpy().astype(np.float32) == value
+    hit = table[column].to_numpy().astype(table[column].type.to_pandas_dtype()) == value
     return list(zip(np.asarray(table["shard"].to_pylist())[hit], np.asarray(table["key"].to_pylist())[hit]))
 
 
 def global_cutoff(score_paths: list[str], column: str, fraction: float) -> Cutoff:
     """The keep-fraction cutoff over every shard: one pass for the values, one for the rows tied at the cut."""
-    values = np.concatenate([_score_column(p, column) for p in score_paths]) if score_paths \
-        else np.zeros(0, np.float32)
+    values = np.concatenate([_score_column(p, column) for p in score_paths]) if score_paths else np.zeros(0)
     cut = cut_value(values, fraction)
     ties = [] if cut is None else [t for p in score_paths for t in _tied(p, column, cut)]
     return cutoff_from_columns(values, ties, fraction)
@@ -235,12 +229,11 @@ def shard_decisions(config: CleanConfig, table: pa.Table, cutoff: Cutoff | None)
     """ok flag, decision, reason and detail for every row of one shard's scores table."""
     column = config.select.column
     ok = np.asarray(table["status"].to_pylist(), dtype=object) == "ok"
-    values, p_clean = (table[c].to_numpy().astype(np.float64) for c in (column, "p_clean"))
+    values = table[column].to_numpy().astype(np.float64)
     shards, keys = np.asarray(table["shard"].to_pylist()), np.asarray(table["key"].to_pylist())
-    rule = dict(column=column, threshold=config.select.threshold, clean_threshold=config.bicro.clean_threshold,
-                cutoff=cutoff)
-    decision, reason = decide(ok, np.asarray(table["reason"].to_pylist(), dtype=object), values, p_clean,
-                              shards, keys, **rule)
-    detail = drop_details(reason, values, p_clean, **rule)
+    rule = dict(column=column, threshold=config.select.threshold, cutoff=cutoff)
+    decision, reason = decide(ok, np.asarray(table["reason"].to_pylist(), dtype=object), values, shards, keys,
+                              **rule)
+    detail = drop_details(reason, values, **rule)
     detail = [d if good else reader for d, good, reader in zip(detail, ok, table["detail"].to_pylist())]
     return {"ok": ok, "decision": decision, "reason": reason, "detail": detail}

@@ -30,7 +30,7 @@ from bicro_clean.pipeline.layout import (
 )
 from bicro_clean.pipeline.parquet_io import file_sha256, input_fingerprint, join, package_version, read_columns
 from bicro_clean.pipeline.parquet_io import read_stage_metadata
-from bicro_clean.pipeline.score import FLOAT_SCORES
+from bicro_clean.pipeline.score import DOUBLE_SCORES, FLOAT_SCORES
 from bicro_clean.pipeline.shards import RawSample, shard_id
 from bicro_clean.pipeline.tar_reader import iter_shard
 from bicro_clean.pipeline.writers import (
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 # Reader reasons that mean the shard itself broke (pipeline.shards.REASONS).
 SHARD_REASONS = ("shard_truncated", "shard_corrupt", "shard_unreadable")
-JSON_SCORES = (*FLOAT_SCORES, "anchor_key_i2t", "anchor_key_t2i", "encoder_cosine")
+JSON_SCORES = (*DOUBLE_SCORES, *FLOAT_SCORES, "anchor_key_i2t", "anchor_key_t2i", "encoder_cosine")
 
 
 def output_keys(keys: list[str], ok: np.ndarray, sid: str, duplicates: frozenset[str]) -> list[str]:
@@ -105,8 +105,8 @@ def annotated_table(table: pa.Table, plan: dict[str, Any], embeddings: pa.Table 
                                     "decision": pa.array(list(plan["decision"]), pa.string()),
                                     "reason": pa.array(list(plan["reason"]), pa.string()),
                                     "detail": pa.array(plan["detail"], pa.string())}
-    for name in ("caption", "width", "height", "url", "uid", *FLOAT_SCORES, "anchor_key_i2t", "anchor_key_t2i",
-                 "encoder_cosine"):
+    for name in ("caption", "width", "height", "url", "uid", *DOUBLE_SCORES, *FLOAT_SCORES, "anchor_key_i2t",
+                 "anchor_key_t2i", "encoder_cosine"):
         columns[name] = table[name]
     columns["truth_clean"] = pa.array(plan["truth_clean"], pa.bool_())
     if embeddings is not None:

@@ -53,7 +53,7 @@ def test_every_input_sample_has_a_row_and_counts_reconcile(run):
     assert sorted(errors["reason"].to_list()) == ["decode_error", "missing_caption"]
     assert errors["soft_label"].null_count() == 2 and errors["detail"].null_count() == 0
     dropped = annotated.filter(pl.col("decision") == "drop")
-    assert set(dropped["reason"]) <= {"noisy_division", "below_keep_fraction"} and dropped.height > 0
+    assert set(dropped["reason"]) == {"below_keep_fraction"}  # the reason follows the rule chosen
     assert annotated.filter(pl.col("decision") == "keep")["reason"].unique().to_list() == ["kept"]
     assert annotated["truth_clean"].null_count() == 3  # only the hand-made shard has no ground truth
     assert annotated.filter(pl.col("decision") != "error")["encoder_cosine"].null_count() == 0  # tiny is aligned
@@ -147,7 +147,8 @@ class _FakeModel:
 
     def score(self, image, text, keys=None):
         value = (image[:, 0] + 1) / 2
-        return {**{c: value for c in ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score")},
+        return {**{c: value for c in ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score",
+                                      "clean_score")},
                 "anchor_for_image": np.zeros(len(image), np.int64), "anchor_for_text": np.full(len(image), -1)}
 
 
@@ -158,6 +159,7 @@ def test_scoring_in_small_batches_gives_the_same_table(run):
     assert small.equals(score_embeddings(_FakeModel(), path, aligned=True))
     assert small["anchor_key_i2t"].to_pylist()[0] == "s/a" and small["anchor_key_t2i"].null_count == 3
     assert small.schema.field("soft_label").type == pa.float32() and small["soft_label"].null_count == 2
+    assert small.schema.field("clean_score").type == pa.float64() and small["clean_score"].null_count == 2
 
 
 def test_fit_sample_is_seeded_uniform_and_within_each_file():

@@ -54,7 +54,7 @@ def test_default_quiet_and_verbose_output(pairs_300, tmp_path, runner) -> None:
     for stage in STAGES:
         assert any(line.startswith(stage) for line in lines), (stage, text)
     assert "embed    6 shards, 300 pairs" in text and "fit      300 pairs, 2 epochs" in text
-    assert "noisy_division" in text and str(tmp_path / "out" / "report.html") in text
+    assert "low_clean_score" in text and str(tmp_path / "out" / "report.html") in text
 
     quiet = _run(pairs_300, tmp_path / "out", "--quiet", runner=runner)  # cached stages: quick
     assert len(quiet) <= 2, quiet

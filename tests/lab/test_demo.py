@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 
 from bicro_clean.cli import app
 
-SUMMARY_LINES = ("pairs:", "noise injected:", "noise found:", "AUROC soft_label vs injected truth:",
-                 "kept precision:", "report:")
+SUMMARY_LINES = ("pairs:", "noise injected:", "noise found:", "AUROC clean_score vs injected truth:",
+                 "mean clean_score:", "kept precision:", "report:")
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -87,7 +87,8 @@ def test_small_demo_runs_without_shared(tmp_path: Path) -> None:
     assert "150 generated scenes" in result.stdout
     summary = json.loads((work / "demo-out" / "demo-summary.json").read_text())
     assert summary["demo"]["noise_injected"] == 120 and Path(work / summary["demo"]["report"]).is_file()
-    assert 0.0 <= summary["demo"]["auroc_soft_label"] <= 1.0
+    assert 0.0 <= summary["demo"]["auroc_soft_label"] <= 1.0 and 0.0 <= summary["demo"]["auroc_clean_score"] <= 1.0
+    assert 0.0 <= summary["demo"]["mean_clean_score"] <= 1.0
 
 
 def test_demo_takes_any_data_folder(tmp_path: Path, monkeypatch) -> None:

@@ -1,6 +1,7 @@
 """Training speed-ups that must not change results: known row groups, the fused optimiser, lazy outputs."""
 
 import numpy as np
+import pytest
 import torch
 
 from bicro_clean.models.bicro import BiCroModel
@@ -8,7 +9,7 @@ from bicro_clean.models.cotrain import PairData, TrainConfig, embed_pairs, make_
 from bicro_clean.models.forward import row_hashes
 from bicro_clean.models.matcher import Matcher
 from bicro_clean.models.params import BiCroParams
-from bicro_clean.models.train import fit_bicro, query_groups
+from bicro_clean.models.train import fit_bicro, query_groups, reference_pairing
 
 
 def _pairs(n_img: int = 40, per: int = 3, seed: int = 0):
@@ -41,20 +42,18 @@ def test_optimiser_is_fused_on_cpu():
     assert opt.defaults["fused"] is True
 
 
-def test_training_outputs_are_scored_on_first_access_only(monkeypatch):
+def test_fit_outputs_are_the_model_scores_with_clean_score():
     image, text = _pairs(n_img=20, per=4)
-    calls = []
-    real = BiCroModel.score
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(BiCroModel, "score", counting)
     params = BiCroParams(epochs=2, batch_size=16, embed_dim=8, hidden_dim=16, bank_size=16, top_anchors=4, threads=1)
     model, out = fit_bicro(image, text, params)
-    assert calls == []  # the pipeline's fit stage never looks at them
-    p_clean = out["p_clean"]
-    assert len(calls) == 1 and p_clean.shape == (80,)
-    assert set(out) >= {"p_clean", "soft_label"} and len(calls) == 1
-    assert np.array_equal(dict(out)["soft_label"], real(model, image, text, [str(i) for i in range(80)])["soft_label"])
+    again = model.score(image, text, [str(i) for i in range(80)])
+    assert np.array_equal(out["soft_label"], again["soft_label"])
+    assert np.array_equal(out["clean_score"], again["clean_score"]) and out["clean_score"].dtype == np.float64
+    assert 0 <= out["clean_score"].min() and out["clean_score"].max() <= 1
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 1000])
+def test_reference_pairing_never_gives_a_caption_its_own_image(n):
+    for seed in range(20):
+        perm = reference_pairing(n, seed)
+        assert sorted(perm.tolist()) == list(range(n)) and not np.any(perm == np.arange(n))

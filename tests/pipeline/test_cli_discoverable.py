@@ -45,7 +45,7 @@ def test_version():
 
 def test_help_shows_the_defaults_of_run_and_embed():
     run = " ".join(_invoke("run", "--help").stdout.split())
-    for text in ("(default: towers)", "(default: 0.5)", "(default: soft_label)", "(default: local)",
+    for text in ("(default: towers)", "(default: 0.5)", "(default: clean_score)", "(default: local)",
                  "(default: 16384)", "(default: 8)", "(default: off)", "(default: 10000)", "FOLDER/*.tar"):
         assert text in run, text
     embed = " ".join(_invoke("embed", "--help").stdout.split())

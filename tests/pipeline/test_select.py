@@ -6,30 +6,27 @@ import pytest
 from bicro_clean.pipeline import select
 
 
-def _decide(values, p_clean=None, ok=None, errors=None, cutoff=None, column="soft_label", threshold=0.5,
-            shards=None, keys=None):
+def _decide(values, ok=None, errors=None, cutoff=None, column="clean_score", threshold=0.5, shards=None, keys=None):
     n = len(values)
     ok = np.ones(n, bool) if ok is None else np.asarray(ok)
     errors = np.array([None] * n, dtype=object) if errors is None else np.asarray(errors, dtype=object)
-    p_clean = np.ones(n) if p_clean is None else np.asarray(p_clean, dtype=float)
     shards = np.array(["s"] * n) if shards is None else np.asarray(shards)
     keys = np.array([f"k{i}" for i in range(n)]) if keys is None else np.asarray(keys)
-    return select.decide(ok, errors, np.asarray(values, dtype=float), p_clean, shards, keys, column=column,
-                         threshold=threshold, clean_threshold=0.5, cutoff=cutoff)
+    return select.decide(ok, errors, np.asarray(values, dtype=float), shards, keys, column=column,
+                         threshold=threshold, cutoff=cutoff)
 
 
 def test_threshold_keeps_at_or_above_and_names_every_reason():
-    decision, reason = _decide([0.9, 0.5, 0.4, 0.2, np.nan], p_clean=[0.9, 0.9, 0.9, 0.1, np.nan],
-                               ok=[True, True, True, True, False], errors=[None, None, None, None, "decode_error"])
+    decision, reason = _decide([0.9, 0.5, 0.4, 0.2, np.nan], ok=[True, True, True, True, False],
+                               errors=[None, None, None, None, "decode_error"])
     assert decision.tolist() == ["keep", "keep", "drop", "drop", "error"]
-    assert reason.tolist() == ["kept", "kept", "low_soft_label", "noisy_division", "decode_error"]
+    assert reason.tolist() == ["kept", "kept", "low_clean_score", "low_clean_score", "decode_error"]
 
 
-def test_other_column_reason_and_cosine_never_blames_the_mixture():
-    _, reason = _decide([0.1, 0.1], p_clean=[0.9, 0.1], column="match_score")
-    assert reason.tolist() == ["low_match_score", "noisy_division"]
-    _, reason = _decide([0.1, 0.1], p_clean=[0.9, 0.1], column="encoder_cosine", threshold=0.3)
-    assert reason.tolist() == ["low_encoder_cosine", "low_encoder_cosine"]
+@pytest.mark.parametrize("column", ["soft_label", "match_score", "encoder_cosine"])
+def test_the_drop_reason_follows_the_rule_the_user_chose(column):
+    _, reason = _decide([0.1, 0.1], column=column, threshold=0.3)
+    assert reason.tolist() == [f"low_{column}"] * 2
 
 
 def test_error_rows_are_never_kept_whatever_their_value():
@@ -78,10 +75,9 @@ def test_keep_fraction_too_small_keeps_nothing():
 
 
 def test_drop_details_explain_the_rule():
-    reason = np.array(["noisy_division", "low_soft_label", "kept"], dtype=object)
-    details = select.drop_details(reason, np.array([0.2, 0.3, 0.9]), np.array([0.1, 0.8, 0.9]),
-                                  column="soft_label", threshold=0.5, clean_threshold=0.5)
-    assert details == ["p_clean=0.1 <= clean_threshold=0.5", "soft_label=0.3 < threshold=0.5", None]
+    reason = np.array(["low_soft_label", "kept"], dtype=object)
+    details = select.drop_details(reason, np.array([0.3, 0.9]), column="soft_label", threshold=0.5)
+    assert details == ["soft_label=0.3 < threshold=0.5", None]
 
 
 def test_unknown_column_is_rejected():

@@ -4,11 +4,15 @@ Everything is inlined (CSS, SVG plots, thumbnails as base64 JPEG data URIs), so 
 opened offline. The bytes depend only on the run's outputs: no timestamps, seeded sampling, sorted iteration and
 fixed number formatting, so rerunning a cached run rewrites the same file.
 
+The selection column (select.column, clean_score by default) is the page's main column: the headline AUROC, the
+main histogram, the galleries' ranking and the slider's starting column.
+
 Memory stays bounded by one shard: histograms and gallery picks are aggregated per annotated file, the loss
 sample is scored per embeddings file, and thumbnails are cut while streaming only the shards that hold them.
 
     scan         the selection rule as applied; histograms, per-shard counts and gallery picks
     threshold    per score column: fine histograms (with truth) and example pairs, for choosing a threshold
+    compare      clean_score next to an aligned encoder's cosine: Spearman and kept-set overlap on a seeded sample
     slider       the threshold slider: inline JSON data and an inline script (no network, no library)
     diagnostics  the fitted loss mixtures over a seeded loss sample (needs the run's checkpoint)
     thumbnails   gallery and anchor images cut from the input shards

@@ -13,16 +13,17 @@ from typing import Any
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.report.diagnostics import LossDiagnostics
 from bicro_clean.pipeline.report.plots import mixture_plot, stacked_histogram, threshold_plot
-from bicro_clean.pipeline.report.scan import Rule, Stats, binned_auroc
+from bicro_clean.pipeline.report.compare import Agreement, agreement
+from bicro_clean.pipeline.report.scan import Rule, Stats
 from bicro_clean.pipeline.report.slider import slider_section
 from bicro_clean.pipeline.report.thumbnails import Thumb, shards_by_id, split_pair_key
 from bicro_clean.pipeline.shards import REASONS
 
 # Package data (pyproject.toml ships *.css in wheels); inlined so the page needs no second file.
 CSS = files(__package__).joinpath("report.css").read_text(encoding="utf-8")
+# Drop reasons follow one rule: low_<column> (below select.threshold, see reason_text) or below_keep_fraction
 SELECT_REASONS = {
     "kept": "Kept: the score passed the selection rule.",
-    "noisy_division": "Dropped: the mixture put the pair in its noisy set (p_clean <= bicro.clean_threshold).",
     "below_keep_fraction": "Dropped: ranked below the select.keep_fraction cutoff.",
 }
 
@@ -58,7 +59,7 @@ def count_cards(counts: dict[str, Any]) -> list[str]:
             stat_card("err", "Errors", f"{counts.get('errors', 0):,}", _share(counts.get("errors", 0), total))]
 
 
-def estimate_cards(counts: dict[str, Any], stats: Stats, losses: LossDiagnostics | None) -> list[str]:
+def estimate_cards(counts: dict[str, Any], stats: Stats, losses: LossDiagnostics | None, rule: Rule) -> list[str]:
     kept_share = counts.get("kept", 0) / stats.scored if stats.scored else float("nan")
     cards = [stat_card("est", "Dropped share", f"{1 - kept_share:.1%}" if stats.scored else "n/a",
                        "1 − kept / scored pairs")]
@@ -66,17 +67,21 @@ def estimate_cards(counts: dict[str, Any], stats: Stats, losses: LossDiagnostics
         per_net = ", ".join(f"{v.noisy_weight:.3f}" for v in losses.views)
         cards.insert(0, stat_card("est", "Estimated noise", f"{losses.noisy_weight:.1%}",
                                   f"mixture noisy weight (networks: {per_net})"))
-    return cards + truth_cards(stats)
+    total, n = stats.kept_clean_score
+    if n:  # clean_score is calibrated: its mean over the kept pairs estimates their clean share without truth
+        cards.append(stat_card("est", "Expected kept precision", f"{total / n:.1%}",
+                               "mean clean_score of the kept pairs"))
+    return cards + truth_cards(stats, rule)
 
 
-def truth_cards(stats: Stats) -> list[str]:
+def truth_cards(stats: Stats, rule: Rule) -> list[str]:
     truth = stats.truth
     if not truth["rows"]:
         return []
-    auc = binned_auroc(stats.auc[True], stats.auc[False])
+    auc = stats.auroc(rule.column)
     cards = [stat_card("truth", "True noise rate", f"{truth['noisy'] / truth['rows']:.1%}",
                        f"{truth['noisy']:,} of {truth['rows']:,} pairs with truth_clean"),
-             stat_card("truth", "AUROC soft_label", f"{auc:.3f}" if auc is not None else "n/a",
+             stat_card("truth", f"AUROC {rule.column}", f"{auc:.3f}" if auc is not None else "n/a",
                        "ranking truly clean above truly noisy")]
     if truth["kept"]:
         cards.append(stat_card("truth", "Kept precision", f"{truth['kept_clean'] / truth['kept']:.1%}",
@@ -84,7 +89,49 @@ def truth_cards(stats: Stats) -> list[str]:
     return cards
 
 
+# ---------------------------------------------------------------- clean_score next to encoder_cosine
+
+
+COMPARE_NOTES = {"clean_score": "BiCro's calibrated P(clean)",
+                 "encoder_cosine": "the aligned encoder's own image-text cosine"}
+
+
+def _figure(value: float | None, fmt: str) -> str:
+    return format(value, fmt) if value is not None else "n/a"
+
+
+def compare_section(counts: dict[str, Any], stats: Stats) -> str:
+    """With an aligned encoder (open_clip), is clean_score better than the encoder's own cosine? AUROCs when
+    truth is known, otherwise how far the two agree. Nothing when encoder_cosine is all null (not aligned)."""
+    if not stats.aligned:
+        return ""
+    if stats.truth["rows"]:
+        rows = "".join(f'<tr><td><code>{esc(c)}</code></td><td class="n">{_figure(stats.auroc(c), ".3f")}</td>'
+                       f'<td>{esc(COMPARE_NOTES[c])}</td></tr>' for c in COMPARE_NOTES)
+        body = (f'<p class="sub">AUROC on the {stats.truth["rows"]:,} pairs with truth_clean: how often each score '
+                f'ranks a truly clean pair above a truly noisy one (0.5 is chance).</p><table><tr><th>score</th>'
+                f'<th>AUROC</th><th></th></tr>{rows}</table>')
+    else:
+        body = agreement_table(agreement(stats.pairs, counts.get("kept", 0) / max(stats.scored, 1)))
+    return (f'<div class="card compare" id="compare"><h3>clean_score next to encoder_cosine</h3>{body}</div>')
+
+
+def agreement_table(found: Agreement | None) -> str:
+    if found is None:
+        return '<p class="sub">No pair has both scores.</p>'
+    scope = (f"all {found.pairs:,} scored pairs" if found.sample == found.pairs
+             else f"a seeded sample of {found.sample:,} of the {found.pairs:,} scored pairs")
+    rows = (f'<tr><td>Spearman rank correlation</td><td class="n">{_figure(found.spearman, ".3f")}</td>'
+            f'<td>1: the same order; 0: unrelated</td></tr>'
+            f'<tr><td>kept-set overlap</td><td class="n">{_figure(found.overlap, ".1%")}</td>'
+            f'<td>share of the top {found.k:,} by clean_score also in the top {found.k:,} by encoder_cosine '
+            f'(the run\'s kept share, {found.kept_share:.1%}; two unrelated rankings overlap by that much)</td></tr>')
+    return (f'<p class="sub">No truth_clean to score them against: how far the two rankings agree, on {scope}.</p>'
+            f'<table><tr><th>agreement</th><th>value</th><th></th></tr>{rows}</table>')
+
+
 def reason_text(code: str) -> str:
+    """The meaning of a reason code; an unknown code (a newer or older pipeline's) gets none but still its row."""
     if code in REASONS:
         return "Reader: " + REASONS[code]
     if code in SELECT_REASONS:
@@ -112,25 +159,26 @@ def plot_card(title: str, body: str, note: str = "") -> str:
     return f'<div class="card"><h3>{esc(title)}</h3>{note_html}{body}</div>'
 
 
-def plots_section(config: CleanConfig, manifest: dict[str, Any], rule: Rule, stats: Stats,
-                  losses: LossDiagnostics | None) -> str:
-    marker = (rule.threshold, f"threshold {rule.threshold:.3g}") if rule.column == "soft_label" else None
+def plots_section(config: CleanConfig, rule: Rule, stats: Stats, losses: LossDiagnostics | None) -> str:
+    cut = "cutoff" if rule.by_fraction else "threshold"
+    marker = (rule.threshold, f"{cut} {rule.threshold:.3g}")
     clean = config.bicro.clean_threshold
-    cards = [plot_card("soft_label", stacked_histogram(stats.soft, "soft_label", marker),
-                       "BiCro's soft correspondence label of every scored pair."),
+    cards = [plot_card(rule.column, stacked_histogram(stats.main, rule.column, marker, rule.span),
+                       f"The selection column of every scored pair. {COLUMN_NOTES.get(rule.column, '')}"),
              plot_card("p_clean", stacked_histogram(stats.p_clean, "p_clean", (clean, f"clean_threshold {clean:g}")),
-                       "Posterior of the clean mixture component, mean of the two networks.")]
+                       "Posterior of the clean mixture component, mean of the two networks; BiCro's clean set "
+                       "(p_clean > clean_threshold) is where its soft_label starts at 0.5.")]
     return (f'<div class="plots">{"".join(cards)}</div><h2>Loss mixtures</h2>{mixture_lead(losses)}'
             f'<div class="plots">{"".join(mixture_cards(losses))}</div>')
 
 
 COLUMN_NOTES = {
-    "soft_label": "BiCro's soft correspondence label (the default selection column).",
+    "clean_score": "Calibrated estimate of P(pair is clean), without ties: the default selection column.",
+    "soft_label": "BiCro's soft correspondence label, its training label.",
     "p_clean": "Posterior of the clean loss component, mean of the two networks.",
     "consistency": "Bidirectional similarity consistency with the nearest clean anchors.",
     "match_score": "The matcher heads' image-text similarity.",
     "encoder_cosine": "Cosine of the frozen encoder's image and text embeddings.",
-    "clean_score": "The run's combined clean score.",
 }
 
 
@@ -141,8 +189,8 @@ def threshold_section(rule: Rule, stats: Stats, thumbs: dict[tuple[str, str], Th
              if bins.has_truth else "No <code>truth_clean</code> column: only the kept fraction is known. ")
     lead = (f'<p class="lead">A threshold <i>t</i> on one score column keeps the scored pairs with score ≥ <i>t</i>. '
             f'{truth}Move the slider to see the count it keeps and the pairs right at the cut; the curves show '
-            f'the same for every column. The run itself also drops the pairs the mixture puts in its noisy set, '
-            f'so its own kept count can be lower than the slider\'s for the same threshold.</p>')
+            f'the same for every column. The slider starts on this run\'s column, <code>{esc(rule.column)}</code>, '
+            f'at its {"cutoff" if rule.by_fraction else "threshold"}.</p>')
     cards = [plot_card(name, threshold_plot(column, rule), COLUMN_NOTES.get(name, ""))
              for name, column in bins.columns.items()]
     return (f'{lead}{slider_section(bins, rule.column, rule.threshold, thumbs)}'
@@ -210,12 +258,17 @@ def score_chips(row: dict[str, Any]) -> str:
     return f'<div class="chips">{"".join(chips)}</div>'
 
 
+def score_text(value: float) -> str:
+    """Three decimals; tiny non-zero values (clean_score's confident noisy pairs) as 1.2e-05, not 0.000."""
+    return f"{value:.1e}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
+
+
 def score_grid(row: dict[str, Any], rule: Rule) -> str:
     cells = []
-    for column in dict.fromkeys(("soft_label", "p_clean", "consistency", "match_score", rule.column)):
+    for column in dict.fromkeys((rule.column, "soft_label", "p_clean", "consistency", "match_score")):
         value = row.get(column)
         if isinstance(value, float) and not math.isnan(value):
-            cells.append(f"<dt>{esc(column)}</dt><dd>{value:.3f}</dd>")
+            cells.append(f"<dt>{esc(column)}</dt><dd>{score_text(value)}</dd>")
     return f'<dl class="scores">{"".join(cells)}</dl>'
 
 
@@ -239,23 +292,34 @@ def pair_card(row: dict[str, Any], rule: Rule, by_id: dict[str, str],
             f'<div class="anchors">{anchors}</div></div>')
 
 
-GALLERIES = (
-    ("lowest", "Lowest soft_label",
-     ("The pairs BiCro trusts least (lowest soft_label, ties by p_clean, then a seeded random order): most should "
-      "be mismatched. Many sit at exactly 0: pairs in the noisy set whose consistency is at most tau.")),
-    ("borderline", "Borderline", ""),
-    ("random_kept", "Random kept pairs",
-     ("A seeded random sample of what goes into the cleaned shards: these should look right.")),
-)
+GALLERIES = (("lowest", "Lowest {column}"), ("borderline", "Borderline"), ("random_kept", "Random kept pairs"))
+RANDOM_KEPT_LEAD = "A seeded random sample of what goes into the cleaned shards: these should look right."
 CARD_NOTE = ("Each card: the pair's image and caption, its decision (and the truth where known), its scores, and "
              "the clean anchors nearest to its image (by image) and to its caption (by text); consistency is high "
              "when those anchors agree with the pairing.")
+
+
+def lowest_lead(rule: Rule) -> str:
+    if rule.column == "soft_label":
+        return ("The pairs BiCro trusts least (lowest soft_label, ties by p_clean, then a seeded random order): most "
+                "should be mismatched. Many sit at exactly 0: pairs in the noisy set whose consistency is at most "
+                "tau.")
+    if rule.column == "clean_score":
+        return ("The pairs with the lowest clean_score, the smallest estimated probability of being clean: most "
+                "should be mismatched.")
+    return (f"The pairs with the lowest {rule.column} (ties in a seeded random order): most should be "
+            f"mismatched.")
 
 
 def borderline_lead(rule: Rule) -> str:
     cut = "cutoff" if rule.by_fraction else "threshold"
     lead = (f"The pairs whose {rule.column} is nearest this run's {cut} {rule.threshold:.4g}: a small change of "
             f"threshold flips their decision, so this is where the rule is hardest to get right.")
+    if rule.column == "clean_score":
+        lead += (" clean_score is a calibrated probability that the pair is clean: the mean clean_score over a set "
+                 "of pairs is the expected share of clean pairs in it. So these cards are the pairs nearest the "
+                 f"{cut}, each clean with a probability of about {min(max(rule.threshold, 0.0), 1.0):.0%}: expect "
+                 "a mix of right and wrong pairings here.")
     if rule.column == "soft_label":
         lead += (" How soft_label is built: anchors (the most confident clean pairs) get 1; other pairs the mixture "
                  "puts in its clean set (p_clean > clean_threshold) get 0.5 + consistency / 2; noisy-set pairs get "
@@ -269,12 +333,13 @@ def gallery_sections(picks: dict[str, list[dict[str, Any]]], rule: Rule, manifes
                      thumbs: dict[tuple[str, str], Thumb]) -> str:
     by_id = shards_by_id(manifest)
     out = []
-    for name, title, lead in GALLERIES:
-        lead = borderline_lead(rule) if name == "borderline" else lead
+    leads = {"lowest": lowest_lead(rule), "borderline": borderline_lead(rule), "random_kept": RANDOM_KEPT_LEAD}
+    for name, title in GALLERIES:
+        title, lead = title.format(column=rule.column), leads[name]
         cards = "".join(pair_card(row, rule, by_id, thumbs) for row in picks.get(name, []))
         body = cards or '<div class="card"><p class="sub">No pairs.</p></div>'
-        out.append(f'<section id="{name}"><h2>{esc(title)}</h2><p class="lead">{esc(lead)} {esc(CARD_NOTE)}</p><div class="gallery">{body}</div>'
-                   f'</section>')
+        out.append(f'<section id="{name}"><h2>{esc(title)}</h2><p class="lead">{esc(lead)} {esc(CARD_NOTE)}</p>'
+                   f'<div class="gallery">{body}</div></section>')
     return "".join(out)
 
 
@@ -302,10 +367,11 @@ def render_page(config: CleanConfig, manifest: dict[str, Any], rule: Rule, stats
     counts = manifest.get("counts", {})
     body = (header(config, manifest, rule)
             + f'<section id="counts"><div class="stats">{"".join(count_cards(counts))}</div>'
-            + f'<h2>Noise</h2><div class="stats">{"".join(estimate_cards(counts, stats, losses))}</div></section>'
+            + f'<h2>Noise</h2><div class="stats">{"".join(estimate_cards(counts, stats, losses, rule))}</div>'
+            + f'{compare_section(counts, stats)}</section>'
             + f'<section id="reasons"><h2>Decisions by reason</h2>{reason_table(counts)}</section>'
             + f'<section id="threshold"><h2>Choosing a threshold</h2>{threshold_section(rule, stats, thumbs)}</section>'
-            + f'<section id="plots"><h2>Scores</h2>{plots_section(config, manifest, rule, stats, losses)}</section>'
+            + f'<section id="plots"><h2>Scores</h2>{plots_section(config, rule, stats, losses)}</section>'
             + f'<section id="shards"><h2>Per shard</h2>{shard_table(stats)}</section>'
             + gallery_sections(picks, rule, manifest, thumbs) + footer(manifest))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

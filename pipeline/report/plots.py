@@ -24,11 +24,13 @@ from bicro_clean.pipeline.report.threshold import ColumnBins
 SMALL_PLOT = 390  # viewBox width of the three-across plots: their text then renders near its nominal size
 
 
-def stacked_histogram(hists: dict[str, np.ndarray], xlabel: str, marker: tuple[float, str] | None) -> str:
-    """Kept and dropped counts per bin on [0, 1], stacked, with an optional vertical marker."""
-    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+def stacked_histogram(hists: dict[str, np.ndarray], xlabel: str, marker: tuple[float, str] | None,
+                      span: tuple[float, float] = (0.0, 1.0)) -> str:
+    """Kept and dropped counts per bin on `span` ([0, 1], or [-1, 1] for a cosine), stacked, with an optional
+    vertical marker."""
+    edges = np.linspace(span[0], span[1], HIST_BINS + 1)
     total = hists["keep"] + hists["drop"]
-    frame = Frame(0.0, 1.0, 0.0, max(float(total.max()), 1.0) * 1.08, width=SMALL_PLOT)
+    frame = Frame(span[0], span[1], 0.0, max(float(total.max()), 1.0) * 1.08, width=SMALL_PLOT)
     parts = axes(frame, xlabel, "pairs")
     parts += bars(frame, edges, hists["keep"], KEEP_COLOR)
     parts += bars(frame, edges, hists["drop"], DROP_COLOR, base=hists["keep"])

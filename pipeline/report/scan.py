@@ -1,5 +1,6 @@
 """One pass over the annotated Parquet files: the selection rule as it was applied, the summed histograms and
-counts the plots and cards need (`Stats`), and the rows of the three galleries.
+counts the plots and cards need (`Stats`: the selection column's histogram and AUROC, clean_score next to
+encoder_cosine), and the rows of the three galleries, ranked by the selection column.
 
 Per-file aggregation into fixed-size arrays keeps memory bounded by one annotated file.
 """
@@ -17,13 +18,13 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.config import COSINE_COLUMNS, CleanConfig
 from bicro_clean.pipeline.parquet_io import join
+from bicro_clean.pipeline.report.compare import COMPARED, PairSample
 from bicro_clean.pipeline.report.threshold import SCORE_COLUMNS, ScoreBins, add_bins, column_ranges
 
 GALLERY_SIZE = 12
 HIST_BINS = 40
-CURVE_BINS = 200
 AUC_BINS = 10_000  # AUROC from per-class histograms: exact up to ties inside a 1e-4 wide bin
 ROW_COLUMNS = ("shard", "key", "decision", "reason", "caption", *SCORE_COLUMNS, "anchor_key_i2t", "anchor_key_t2i",
                "truth_clean")
@@ -45,61 +46,82 @@ class Rule:
             return cls(config.select.column, float(value), True)
         return cls(config.select.column, float(config.select.threshold), False)
 
+    @property
+    def span(self) -> tuple[float, float]:
+        """The column's documented range: [-1, 1] for the cosines, [0, 1] for every other score."""
+        return (-1.0, 1.0) if self.column in COSINE_COLUMNS else (0.0, 1.0)
+
 
 def annotated_paths(config: CleanConfig, manifest: dict[str, Any]) -> list[str]:
     return [join(config.output, o["path"]) for o in manifest.get("outputs", []) if o.get("kind") == "annotated"]
+
+
+def _pair() -> dict[str, np.ndarray]:
+    return {d: np.zeros(HIST_BINS, np.int64) for d in ("keep", "drop")}
 
 
 @dataclass
 class Stats:
     """Everything the plots and counts need, summed over annotated files (fixed-size arrays)."""
 
-    soft: dict[str, np.ndarray] = field(default_factory=lambda: {d: np.zeros(HIST_BINS, np.int64)
-                                                                 for d in ("keep", "drop")})
-    p_clean: dict[str, np.ndarray] = field(default_factory=lambda: {d: np.zeros(HIST_BINS, np.int64)
-                                                                    for d in ("keep", "drop")})
-    curve: np.ndarray = field(default_factory=lambda: np.zeros(CURVE_BINS, np.int64))
-    at_one: int = 0  # soft_label == 1 exactly (anchors): kept even at threshold 1
-    auc: dict[bool, np.ndarray] = field(default_factory=lambda: {t: np.zeros(AUC_BINS, np.int64)
-                                                                 for t in (True, False)})
+    main: dict[str, np.ndarray] = field(default_factory=_pair)  # the selection column, kept / dropped
+    p_clean: dict[str, np.ndarray] = field(default_factory=_pair)
+    # per AUROC column (the selection column, clean_score, encoder_cosine): histograms of truly clean / noisy
+    auc: dict[str, dict[bool, np.ndarray]] = field(default_factory=dict)
     truth: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("rows", "noisy", "kept", "kept_clean", "clean_scored"), 0))
     scored: int = 0
+    kept_clean_score: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum and count over kept pairs
     bins: ScoreBins = field(default_factory=ScoreBins)
+    pairs: PairSample = field(default_factory=PairSample)  # clean_score vs encoder_cosine, for the agreement
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard id -> counts and top reasons
 
+    def auroc(self, column: str) -> float | None:
+        hists = self.auc.get(column)
+        return binned_auroc(hists[True], hists[False]) if hists else None
 
-def _hist(values: np.ndarray, bins: int) -> np.ndarray:
-    return np.histogram(np.clip(values, 0.0, 1.0), bins=bins, range=(0.0, 1.0))[0].astype(np.int64)
+    @property
+    def aligned(self) -> bool:
+        """encoder_cosine has values: the encoder is aligned (open_clip) and clean_score can be set next to it."""
+        return self.pairs.pairs > 0
+
+
+def _hist(values: np.ndarray, bins: int, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    values = values[np.isfinite(values)]
+    return np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))[0].astype(np.int64)
 
 
 def _floats(table: Any, column: str) -> np.ndarray:
+    """Any float width (clean_score is float64, the other scores float32) as float64, nulls as NaN."""
     return np.asarray(pc.fill_null(table[column], float("nan")).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 def read_rows(path: str, rule_column: str) -> dict[str, np.ndarray]:
-    """The columns the report needs from one annotated file (whichever of them it has)."""
+    """The columns the report needs from one annotated file; a score column the file lacks reads as all NaN, so
+    a run from before a column existed still gets its report (without that column's figures)."""
     with fsspec.open(path, "rb") as fh:
         names = set(pq.read_schema(fh).names)
         wanted = sorted(c for c in {*ROW_COLUMNS, rule_column} if c in names)
         table = pq.read_table(fh, columns=wanted)
     rows = {c: np.asarray(table[c].to_pylist(), dtype=object) for c in wanted}
-    for column in {*SCORE_COLUMNS, rule_column} & names:
-        rows[column] = _floats(table, column)
+    for column in {*SCORE_COLUMNS, rule_column}:
+        rows[column] = _floats(table, column) if column in names else np.full(table.num_rows, np.nan)
     rows.setdefault("truth_clean", np.full(table.num_rows, None, dtype=object))
     return rows
 
 
-def add_stats(stats: Stats, rows: dict[str, np.ndarray]) -> None:
-    scored = (rows["decision"] != "error") & ~np.isnan(rows["soft_label"])
+def add_stats(stats: Stats, rows: dict[str, np.ndarray], rule: Rule, prio: np.ndarray) -> None:
+    scored = rows["decision"] != "error"
     stats.scored += int(scored.sum())
     for decision in ("keep", "drop"):
         chosen = scored & (rows["decision"] == decision)
-        stats.soft[decision] += _hist(rows["soft_label"][chosen], HIST_BINS)
+        stats.main[decision] += _hist(rows[rule.column][chosen], HIST_BINS, *rule.span)
         stats.p_clean[decision] += _hist(rows["p_clean"][chosen], HIST_BINS)
-    soft = rows["soft_label"][scored]
-    stats.curve += _hist(soft, CURVE_BINS)
-    stats.at_one += int((soft >= 1.0).sum())
+    kept_score = rows["clean_score"][rows["decision"] == "keep"]
+    kept_score = kept_score[np.isfinite(kept_score)]
+    stats.kept_clean_score[0] += float(kept_score.sum())
+    stats.kept_clean_score[1] += len(kept_score)
+    stats.pairs.add(rows["clean_score"][scored], rows["encoder_cosine"][scored], prio[scored])
     add_truth(stats, rows, scored)
 
 
@@ -120,8 +142,16 @@ def add_truth(stats: Stats, rows: dict[str, np.ndarray], scored: np.ndarray) -> 
     for name, mask in (("rows", known), ("noisy", known & ~clean), ("kept", known & kept),
                        ("kept_clean", clean & kept), ("clean_scored", clean & scored)):
         stats.truth[name] += int(mask.sum())
-    for label, mask in ((True, clean & scored), (False, known & ~clean & scored)):
-        stats.auc[label] += _hist(rows["soft_label"][mask], AUC_BINS)
+    for column in stats.auc:
+        binned = stats.bins.columns[column]
+        for label, mask in ((True, clean & scored), (False, known & ~clean & scored)):
+            stats.auc[column][label] += _hist(rows[column][mask], AUC_BINS, binned.lo, binned.hi)
+
+
+def auc_columns(rule: Rule, bins: ScoreBins) -> dict[str, dict[bool, np.ndarray]]:
+    """Empty per-class histograms for the columns whose AUROC the page shows (those the files hold)."""
+    wanted = dict.fromkeys((rule.column, *COMPARED))
+    return {c: {t: np.zeros(AUC_BINS, np.int64) for t in (True, False)} for c in wanted if c in bins.columns}
 
 
 def binned_auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
@@ -159,17 +189,18 @@ def priorities(rows: dict[str, np.ndarray], seed: int) -> np.ndarray:
 
 
 def file_picks(rows: dict[str, np.ndarray], rule: Rule, prio: np.ndarray) -> dict[str, list[Pick]]:
-    """Each gallery's best rows in one file. Ties (many soft labels are exactly 0, 0.5 or 1) go to a seeded
-    random order, so a gallery is not just the first shard's first keys."""
-    shard, key, soft, p_clean = rows["shard"], rows["key"], rows["soft_label"], rows["p_clean"]
-    scored = np.flatnonzero((rows["decision"] != "error") & ~np.isnan(soft))
-    value = rows[rule.column]
+    """Each gallery's best rows in one file, ranked by the selection column. Ties (many soft labels are exactly
+    0, 0.5 or 1; clean_score has none) go to p_clean for soft_label, then to a seeded random order, so a gallery
+    is not just the first shard's first keys."""
+    shard, key, value = rows["shard"], rows["key"], rows[rule.column]
+    # soft_label's ties are broken by the posterior it was built from; other columns need no second score
+    second = rows["p_clean"] if rule.column == "soft_label" else np.zeros(len(value))
+    scored = np.flatnonzero((rows["decision"] != "error") & ~np.isnan(value) & ~np.isnan(second))
     kept = np.flatnonzero(rows["decision"] == "keep")
     rank = {int(i): (int(prio[i]), shard[i], key[i]) for i in np.union1d(scored, kept)}
     return {
-        "lowest": _smallest(rows, scored, lambda i: (soft[i], p_clean[i], *rank[i])),
-        "borderline": _smallest(rows, scored[~np.isnan(value[scored])],
-                                lambda i: (abs(value[i] - rule.threshold), *rank[i])),
+        "lowest": _smallest(rows, scored, lambda i: (value[i], second[i], *rank[i])),
+        "borderline": _smallest(rows, scored, lambda i: (abs(value[i] - rule.threshold), *rank[i])),
         "random_kept": _smallest(rows, kept, lambda i: rank[i]),
     }
 
@@ -181,11 +212,12 @@ def merge_picks(into: dict[str, list[Pick]], new: dict[str, list[Pick]]) -> None
 
 def scan_annotated(paths: list[str], rule: Rule, seed: int) -> tuple[Stats, dict[str, list[dict[str, Any]]]]:
     """One pass over the annotated files: summed histograms and the three galleries' rows."""
-    stats, picks = Stats(bins=column_ranges(paths)), {}
+    bins = column_ranges(paths, rule.column)
+    stats, picks = Stats(bins=bins, auc=auc_columns(rule, bins)), {}
     for path in paths:
         rows = read_rows(path, rule.column)
-        add_stats(stats, rows)
         prio = priorities(rows, seed)
+        add_stats(stats, rows, rule, prio)
         add_bins(stats.bins, rows, rows["decision"] != "error", prio)
         stats.shards[path.rsplit("/", 1)[-1].removesuffix(".parquet")] = shard_counts(rows)
         merge_picks(picks, file_picks(rows, rule, prio))

@@ -28,7 +28,9 @@ def script_json(data: Any) -> str:
 
 
 def _number(value: Any) -> float | None:
-    return round(float(value), 6) if isinstance(value, float) and math.isfinite(value) else None
+    # Not rounded: the range ends (lo, hi) are exact values, and a rounded score could fall just below lo, so
+    # the slider would call the lowest pair dropped at the threshold that keeps every pair
+    return float(value) if isinstance(value, float) and math.isfinite(value) else None
 
 
 def slider_data(bins: ScoreBins, rule_column: str, threshold: float,
@@ -94,7 +96,7 @@ SCRIPT = r"""
     var body = el("div", "body");
     body.appendChild(el("p", "cap", x.caption));
     var chips = el("div", "chips");
-    chips.appendChild(el("span", "chip " + (kept ? "keep" : "drop"), (kept ? "▲ " : "▼ ") + c.name + " " + v.toFixed(3)));
+    chips.appendChild(el("span", "chip " + (kept ? "keep" : "drop"), (kept ? "▲ " : "▼ ") + c.name + " " + (v !== 0 && Math.abs(v) < 5e-4 ? v.toExponential(1) : v.toFixed(3))));
     if (x.truth !== null) { chips.appendChild(el("span", "chip " + (x.truth ? "t-clean" : "t-noisy"), x.truth ? "truly clean" : "truly noisy")); }
     body.appendChild(chips);
     body.appendChild(el("div", "key", x.key));
@@ -111,9 +113,8 @@ SCRIPT = r"""
       set("th-precision", c.knownKept[k] ? pct(c.cleanKept[k] / c.knownKept[k]) : "n/a");
       set("th-recall", pct(c.cleanKept[k] / Math.max(c.nClean, 1)));
     }
-    set("th-note", c.name === D.rule.column ? "This run selected on " + c.name + " at " + (D.rule.threshold === null ? "?" : num(D.rule.threshold)) +
-        " (and also dropped what the mixture put in its noisy set)." :
-        "What-if: a threshold on " + c.name + " alone (this run selected on " + D.rule.column + ").");
+    set("th-note", c.name === D.rule.column ? "This run selected on " + c.name + " at " + (D.rule.threshold === null ? "?" : num(D.rule.threshold)) + "." :
+        "What-if: a threshold on " + c.name + " instead (this run selected on " + D.rule.column + ").");
     var near = D.examples.filter(function (x) { return x.scores[c.name] !== null; });
     near.sort(function (a, b) { return Math.abs(a.scores[c.name] - t) - Math.abs(b.scores[c.name] - t) || (a.key < b.key ? -1 : 1); });
     // half just kept, half just dropped (the other side fills in when one runs short)

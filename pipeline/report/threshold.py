@@ -18,7 +18,8 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-SCORE_COLUMNS = ("soft_label", "p_clean", "consistency", "match_score", "encoder_cosine", "clean_score")
+# clean_score first: the default selection column (calibrated P(clean)); the slider and curves follow this order
+SCORE_COLUMNS = ("clean_score", "soft_label", "p_clean", "consistency", "match_score", "encoder_cosine")
 BINS = 1000  # slider positions per column: the bin edges
 EXAMPLE_BINS = 32  # coarse bins per column that each keep a few seeded example pairs
 EXAMPLES_PER_BIN = 2
@@ -91,19 +92,26 @@ def _range(fh: Any, column: str) -> tuple[float, float] | None:
     return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
 
 
-def column_ranges(paths: list[str]) -> ScoreBins:
+def report_columns(rule_column: str) -> tuple[str, ...]:
+    """SCORE_COLUMNS, plus the run's selection column when it is another one (r_i2t, r_t2i): the slider must
+    be able to start on the column the run selected on."""
+    return tuple(dict.fromkeys((*SCORE_COLUMNS, rule_column)))
+
+
+def column_ranges(paths: list[str], rule_column: str = SCORE_COLUMNS[0]) -> ScoreBins:
     """The score columns the files hold, each with its run-wide range (empty or all-null columns left out)."""
     ranges: dict[str, tuple[float, float]] = {}
+    columns = report_columns(rule_column)
     for path in paths:
         with fsspec.open(path, "rb") as fh:
             names = pq.read_schema(fh).names
-            for column in (c for c in SCORE_COLUMNS if c in names):
+            for column in (c for c in columns if c in names):
                 found = _range(fh, column)
                 if found is not None:
                     old = ranges.get(column, found)
                     ranges[column] = (min(old[0], found[0]), max(old[1], found[1]))
     bins = ScoreBins()
-    for column in SCORE_COLUMNS:  # a fixed column order
+    for column in columns:  # a fixed column order
         if column in ranges:
             lo, hi = ranges[column]
             bins.columns[column] = ColumnBins(column, lo, hi if hi > lo else lo + 1.0)

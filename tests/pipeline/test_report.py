@@ -1,4 +1,10 @@
-"""The HTML report: self-contained, deterministic, and it renders (plots and thumbnails) in headless Chromium."""
+"""The HTML report: self-contained, deterministic, clean_score as its main column (headline AUROC, histogram,
+galleries, slider), clean_score next to an aligned encoder's cosine, and it renders in headless Chromium.
+
+Most tests read small runs written by report_fixture (real shards, synthetic scores, every variant: truth known or
+not, aligned encoder or not, a run from before clean_score); one whole pipeline run checks the real thing end to
+end, loss mixtures included.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +15,25 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from scipy.stats import rankdata, spearmanr
+from sklearn.metrics import roc_auc_score
 
 from conftest import image_folder, tiny_config
+from report_fixture import Options, build_run, config_of, slider_data
 from bicro_clean.models.bicro import BiCroModel
 from bicro_clean.models.diagnostics import mixture_density, normalised_losses
-from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.make_shards import make_shards
-from bicro_clean.pipeline.report import write_report
+from bicro_clean.pipeline.report import compare, write_report
+from bicro_clean.pipeline.report.page import SELECT_REASONS, reason_table, reason_text, score_text
 from bicro_clean.pipeline.report.scan import Rule, annotated_paths, binned_auroc, scan_annotated
 from bicro_clean.pipeline.report.slider import script_json
-from bicro_clean.pipeline.report.threshold import BINS, ColumnBins, ScoreBins, add_bins
 from bicro_clean.pipeline.report.svg import nice_ticks
+from bicro_clean.pipeline.report.threshold import BINS, ColumnBins, ScoreBins, add_bins
 from bicro_clean.pipeline.run import run_pipeline
 
 SECTIONS = ('id="counts"', 'id="reasons"', 'id="threshold"', 'id="plots"', 'id="shards"', 'id="lowest"',
@@ -29,68 +41,222 @@ SECTIONS = ('id="counts"', 'id="reasons"', 'id="threshold"', 'id="plots"', 'id="
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """8 coloured images x 2 captions with 25% caption noise, cleaned with the tiny encoder (as test_run does)."""
-    root = tmp_path_factory.mktemp("data")
-    # The second caption carries markup, which the report must escape.
-    images, captions = image_folder(root, 8, (40, 30), lambda i: [f"a picture number {i}", f"colour {i} <b>&"])
-    make_shards(images, captions, root / "shards", shard_size=6, noise_rate=0.25)
-    out = tmp_path_factory.mktemp("out")
-    summary = run_pipeline(tiny_config(str(root / "shards" / "*.tar"), out, select={"keep_fraction": 0.5}))
-    assert summary["report"] == str(out / "report.html")
-    return out
+def truth_run(tmp_path_factory) -> Path:
+    """Aligned encoder, truth_clean known, top half by clean_score kept."""
+    return build_run(tmp_path_factory.mktemp("truth"))
 
 
-def _config(out: Path) -> CleanConfig:
-    manifest = json.loads((out / "manifest.json").read_text())
-    return CleanConfig.model_validate({**manifest["config"], "output": str(out)})
+@pytest.fixture(scope="module")
+def blind_run(tmp_path_factory) -> Path:
+    """Aligned encoder, no truth_clean, clean_score >= 0.5 kept."""
+    return build_run(tmp_path_factory.mktemp("blind"), Options(truth=False, keep_fraction=None, seed=1))
 
 
-def test_report_is_self_contained_with_every_section(run):
-    page = (run / "report.html").read_text()
+@pytest.fixture(scope="module")
+def unaligned_run(tmp_path_factory) -> Path:
+    """encoder_cosine all null (a towers encoder), truth known."""
+    return build_run(tmp_path_factory.mktemp("unaligned"), Options(aligned=False, seed=2))
+
+
+def _page(out: Path) -> str:
+    return (out / "report.html").read_text(encoding="utf-8")
+
+
+def _annotated(out: Path) -> dict[str, np.ndarray]:
+    """Every annotated row of the run, scored rows only (decision != error)."""
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((out / "annotated").glob("*.parquet"))])
+    table = table.filter(pc.not_equal(table["decision"], "error"))
+    return {c: np.asarray(table[c].to_pylist(), dtype=object) for c in table.column_names}
+
+
+def _floats(rows: dict[str, np.ndarray], column: str) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in rows[column]], dtype=np.float64)
+
+
+def _stat(page: str, title: str) -> str:
+    found = re.search(rf'<div class="k">{re.escape(title)}</div><div class="v">([^<]*)</div>', page)
+    assert found, f"no stat card {title!r}"
+    return found.group(1)
+
+
+def _compare_card(page: str) -> str:
+    found = re.search(r'<div class="card compare" id="compare">(.*?)</table></div>', page, re.S)
+    assert found, "no comparison card"
+    return found.group(1)
+
+
+def _cell(card: str, label: str) -> str:
+    found = re.search(rf'<td>(?:<code>)?{re.escape(label)}(?:</code>)?</td><td class="n">([^<]*)</td>', card)
+    assert found, f"no row {label!r} in the comparison card"
+    return found.group(1)
+
+
+# ---------------------------------------------------------------- the page, from small synthetic runs
+
+
+def test_report_is_self_contained_with_every_section(truth_run):
+    page = _page(truth_run)
     for section in SECTIONS:
         assert section in page
-    assert page.count("<svg") >= 8  # soft_label, p_clean, 4 threshold curves, one mixture per network
+    assert page.count("<svg") >= 8  # clean_score and p_clean histograms, 6 threshold curves
     assert len(re.findall(r'<img [^>]*src="data:image/jpeg;base64,', page)) >= 12
     assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page)
     assert "<link" not in page and "@import" not in page
     assert page.count("<script") == 2 and not re.search(r"<script[^>]*\bsrc\s*=", page)  # inline data + code
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
-    assert "True noise rate" in page and "AUROC" in page  # make_shards writes truth_clean
     assert "colour 1 &lt;b&gt;&amp;" in page and "<b>&" not in page
-    data = _slider_data(page)  # the captions reach the slider as JSON, with < > & as \u escapes
+    data = slider_data(page)  # the captions reach the slider as JSON, with < > & as \u escapes
     assert any(x["caption"].startswith("colour") and "<b>&" in x["caption"] for x in data["examples"])
     assert "\\u003cb\\u003e\\u0026" in page
+    assert "noisy set" not in page  # the rule is the column alone now: no mixture drop to explain
 
 
-def _slider_data(page: str) -> dict:
-    found = re.search(r'<script type="application/json" id="threshold-data">(.*?)</script>', page, re.S)
-    assert found
-    return json.loads(found.group(1))
-
-
-def test_threshold_data_and_shard_table_match_the_run(run):
-    page = (run / "report.html").read_text()
-    manifest = json.loads((run / "manifest.json").read_text())
-    counts = manifest["counts"]
-    scored = counts["in"] - counts["errors"]
-    data = _slider_data(page)
-    names = [c["name"] for c in data["columns"]]
-    assert names[:4] == ["soft_label", "p_clean", "consistency", "match_score"] and "clean_score" not in names
+def test_clean_score_is_the_headline_column(truth_run):
+    page, rows = _page(truth_run), _annotated(truth_run)
+    manifest = json.loads((truth_run / "manifest.json").read_text())
+    known = np.array([t is not None for t in rows["truth_clean"]])
+    truth = rows["truth_clean"][known].astype(bool)
+    expected = roc_auc_score(truth, _floats(rows, "clean_score")[known])
+    assert 0.6 < expected < 0.99  # the fixture's scores rank well but not perfectly: the check can fail
+    assert _stat(page, "AUROC clean_score") == f"{expected:.3f}" and "AUROC soft_label" not in page
+    kept = rows["decision"] == "keep"
+    assert _stat(page, "Expected kept precision") == f"{_floats(rows, 'clean_score')[kept].mean():.1%}"
+    plots = re.search(r'<section id="plots">(.*?)</section>', page, re.S).group(1)
+    assert plots.index("<h3>clean_score</h3>") < plots.index("<h3>p_clean</h3>")
+    assert 'aria-label="histogram of clean_score"' in plots and "cutoff " in plots  # marker at the run's cut
+    data = slider_data(page)
+    assert [c["name"] for c in data["columns"]] == ["clean_score", "soft_label", "p_clean", "consistency",
+                                                     "match_score", "encoder_cosine"]
+    assert data["rule"] == {"column": "clean_score", "threshold": manifest["cutoff"]["value"]}
+    curves = re.search(r'<div class="plots three">(.*?)</section>', page, re.S).group(1)
+    assert re.findall(r"<h3>([a-z_]+)</h3>", curves)[0] == "clean_score"
+    scored = manifest["counts"]["in"] - manifest["counts"]["errors"]
     for column in data["columns"]:
         assert len(column["total"]) == BINS + 1 and sum(column["total"]) == scored
-        assert column["clean"] is not None and sum(column["known"]) == scored  # make_shards writes truth_clean
-    assert data["rule"] == {"column": "soft_label", "threshold": manifest["cutoff"]["value"]}
-    assert data["examples"] and all(x["img"] is None or x["img"].startswith("data:image/jpeg;base64,")
-                                    for x in data["examples"])
-    config = _config(run)
-    stats, _ = scan_annotated(annotated_paths(config, manifest), Rule.from_run(config, manifest), seed=0)
-    assert sum(s["in"] for s in stats.shards.values()) == counts["in"]
-    assert sum(s["kept"] for s in stats.shards.values()) == counts["kept"]
-    assert sum(s["dropped"] for s in stats.shards.values()) == counts["dropped"]
-    for sid in stats.shards:
-        assert f"<code>{sid}</code>" in page
-    assert "consistency / 2" in page  # the borderline gallery says where soft_label 0.500 comes from
+        assert column["clean"] is not None and sum(column["known"]) == scored
+
+
+def test_galleries_rank_by_the_selection_column(truth_run):
+    config, manifest = config_of(truth_run), json.loads((truth_run / "manifest.json").read_text())
+    rule = Rule.from_run(config, manifest)
+    assert rule == Rule("clean_score", manifest["cutoff"]["value"], True)
+    stats, picks = scan_annotated(annotated_paths(config, manifest), rule, seed=0)
+    assert stats.scored == manifest["counts"]["in"] - manifest["counts"]["errors"]
+    scores = np.sort(_floats(_annotated(truth_run), "clean_score"))
+    lowest = [r["clean_score"] for r in picks["lowest"]]
+    assert lowest == scores[:12].tolist()  # the 12 lowest of the run, in order
+    distance = np.abs(scores - rule.threshold)
+    assert [abs(r["clean_score"] - rule.threshold) for r in picks["borderline"]] == sorted(distance)[:12]
+    assert {r["decision"] for r in picks["random_kept"]} == {"keep"}
+    page = _page(truth_run)
+    assert "<h2>Lowest clean_score</h2>" in page and "expected share of clean pairs" in page
+    assert "consistency / 2" not in page  # soft_label's 0.500 story is for soft_label runs only
+    assert "(not found)" not in page  # every anchor resolved to its shard
+    for sid, counts in stats.shards.items():
+        assert f"<code>{sid}</code>" in page and counts["in"] > 0
+    assert sum(s["kept"] for s in stats.shards.values()) == manifest["counts"]["kept"]
+
+
+def test_comparison_card_with_truth_shows_both_aurocs(truth_run):
+    rows, card = _annotated(truth_run), _compare_card(_page(truth_run))
+    truth = rows["truth_clean"].astype(bool)
+    for column in ("clean_score", "encoder_cosine"):
+        assert _cell(card, column) == f"{roc_auc_score(truth, _floats(rows, column)):.3f}"
+    assert _cell(card, "clean_score") != _cell(card, "encoder_cosine")
+    assert "Spearman" not in card
+
+
+def test_comparison_card_without_truth_shows_agreement(blind_run):
+    page, rows = _page(blind_run), _annotated(blind_run)
+    clean, cosine = _floats(rows, "clean_score"), _floats(rows, "encoder_cosine")
+    card = _compare_card(page)
+    assert "AUROC" not in page and "True noise rate" not in page
+    assert _cell(card, "Spearman rank correlation") == f"{spearmanr(clean, cosine).statistic:.3f}"
+    k = int((rows["decision"] == "keep").sum())
+    overlap = len(set(np.argsort(-clean)[:k]) & set(np.argsort(-cosine)[:k])) / k
+    assert 0 < overlap < 1 and _cell(card, "kept-set overlap") == f"{overlap:.1%}"
+    assert f"all {len(clean):,} scored pairs" in card and f"top {k:,} by clean_score" in card
+    assert set(rows["reason"]) == {"kept", "low_clean_score"}  # a threshold run
+    assert "Dropped: clean_score below select.threshold." in page
+    assert slider_data(page)["rule"] == {"column": "clean_score", "threshold": 0.5}
+
+
+def test_no_comparison_card_for_an_unaligned_encoder(unaligned_run):
+    page = _page(unaligned_run)
+    assert 'id="compare"' not in page and "encoder_cosine" not in page
+    assert "encoder_cosine" not in [c["name"] for c in slider_data(page)["columns"]]
+    assert re.fullmatch(r"0\.\d{3}", _stat(page, "AUROC clean_score"))
+
+
+def test_a_run_before_clean_score_still_gets_its_report(tmp_path):
+    out = build_run(tmp_path, Options(clean_score=False, column="soft_label", keep_fraction=None, images=8))
+    page = _page(out)
+    assert _stat(page, "AUROC soft_label") and "AUROC clean_score" not in page
+    assert 'id="compare"' not in page and "Expected kept precision" not in page  # no clean_score to compare
+    assert "<h2>Lowest soft_label</h2>" in page and "consistency / 2" in page  # where soft_label 0.500 comes from
+    data = slider_data(page)
+    assert data["columns"][0]["name"] == "soft_label" and data["rule"]["column"] == "soft_label"
+
+
+def test_reason_table_explains_the_rule_and_still_lists_unknown_reasons():
+    assert "noisy_division" not in SELECT_REASONS  # the select stage no longer gives that reason
+    assert reason_text("low_clean_score") == "Dropped: clean_score below select.threshold."
+    assert reason_text("below_keep_fraction").startswith("Dropped: ranked below")
+    table = reason_table({"by_reason": {"kept": 5, "low_clean_score": 3, "noisy_division": 1, "new<reason>": 1}})
+    for code in ("kept", "low_clean_score", "noisy_division", "new&lt;reason&gt;"):
+        assert f"<code>{code}</code>" in table  # an unknown code (an older run's, a newer one's) keeps its row
+    assert table.count("<tr>") == 5 and "<reason>" not in table
+
+
+def test_tiny_scores_are_not_shown_as_zero():
+    # clean_score has no ties: a confidently noisy pair's 1.2e-05 must not read 0.000 like a hard zero
+    assert score_text(1.23e-5) == "1.2e-05" and score_text(0.0) == "0.000"
+    assert score_text(0.5) == "0.500" and score_text(-0.25) == "-0.250" and score_text(-1e-4) == "-1.0e-04"
+
+
+def test_report_bytes_are_deterministic(truth_run):
+    first = (truth_run / "report.html").read_bytes()
+    path = write_report(config_of(truth_run), str(truth_run / "manifest.json"))
+    assert Path(path).read_bytes() == first
+    assert not list(truth_run.glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------- agreement arithmetic
+
+
+def test_spearman_and_ranks_match_scipy():
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 20, 500).astype(np.float64)  # many ties
+    b = a + rng.normal(0, 8, 500)
+    assert np.array_equal(compare.average_ranks(a), rankdata(a))
+    assert compare.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert compare.spearman(a, np.ones(500)) is None and compare.spearman(a[:1], b[:1]) is None
+
+
+def test_sample_is_bounded_and_independent_of_file_order(monkeypatch):
+    monkeypatch.setattr(compare, "SAMPLE", 50)  # 300 pairs in 3 files: trimmed on the way and at the end
+    rng = np.random.default_rng(4)
+    clean, cosine = rng.uniform(0, 1, 300), rng.uniform(-1, 1, 300)
+    clean[7] = np.nan  # not compared
+    priority = rng.integers(0, 2**63, 300).astype(np.uint64)
+    forward, backward = compare.PairSample(), compare.PairSample()
+    for part in np.array_split(np.arange(300), 3):
+        forward.add(clean[part], cosine[part], priority[part])
+    for part in reversed(np.array_split(np.arange(300), 3)):
+        backward.add(clean[part], cosine[part], priority[part])
+    forward.trim()
+    backward.trim()
+    assert forward.size == len(forward.priority) == 50 and forward.pairs == 299
+    assert sorted(forward.priority.tolist()) == sorted(backward.priority.tolist())
+    assert set(forward.priority.tolist()) == set(np.sort(np.delete(priority, 7))[:50].tolist())
+    same = compare.PairSample()
+    same.add(clean, clean, priority)
+    found = compare.agreement(same, 0.2)
+    assert found.overlap == 1.0 and found.spearman == pytest.approx(1.0) and found.k == 10
+    assert compare.agreement(compare.PairSample(), 0.5) is None
+
+
+# ---------------------------------------------------------------- threshold data, SVG ticks
 
 
 def test_script_json_cannot_close_its_script():
@@ -124,28 +290,49 @@ def test_threshold_bins_are_exact_at_bin_edges():
     assert 0 < len(examples) <= 32 * 2
 
 
-def test_report_bytes_are_deterministic(run):
-    first = (run / "report.html").read_bytes()
-    path = write_report(_config(run), str(run / "manifest.json"))
-    assert Path(path).read_bytes() == first
-    assert not list(run.glob(".tmp-*"))
+def test_binned_auroc_and_ticks():
+    assert binned_auroc(np.array([0, 0, 3]), np.array([2, 0, 0])) == 1.0
+    assert binned_auroc(np.array([1, 1]), np.array([1, 1])) == 0.5
+    assert binned_auroc(np.array([1]), np.array([0])) is None
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
-def test_galleries_pick_the_right_rows_and_resolve_anchors(run):
-    config = _config(run)
+# ---------------------------------------------------------------- a whole pipeline run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """8 coloured images x 2 captions with 25% caption noise, cleaned with the tiny encoder (as test_run does)."""
+    root = tmp_path_factory.mktemp("data")
+    images, captions = image_folder(root, 8, (40, 30), lambda i: [f"a picture number {i}", f"colour {i} <b>&"])
+    make_shards(images, captions, root / "shards", shard_size=6, noise_rate=0.25)
+    out = tmp_path_factory.mktemp("out")
+    summary = run_pipeline(tiny_config(str(root / "shards" / "*.tar"), out, select={"keep_fraction": 0.5}))
+    assert summary["report"] == str(out / "report.html")
+    return out
+
+
+def test_whole_run_report_leads_with_clean_score(run):
+    page = _page(run)
     manifest = json.loads((run / "manifest.json").read_text())
-    rule = Rule.from_run(config, manifest)
-    assert rule.by_fraction and rule.threshold == manifest["cutoff"]["value"]
-    assert not Rule.from_run(config.model_copy(update={"select": config.select.model_copy(
-        update={"keep_fraction": None})}), manifest).by_fraction
-    stats, picks = scan_annotated(annotated_paths(config, manifest), rule, seed=0)
-    assert stats.scored == manifest["counts"]["in"] - manifest["counts"]["errors"]
-    lowest = [r["soft_label"] for r in picks["lowest"]]
-    assert lowest == sorted(lowest) and len(lowest) == 12
-    assert {r["decision"] for r in picks["random_kept"]} == {"keep"} and len(picks["random_kept"]) == 8
-    distance = [abs(r["soft_label"] - rule.threshold) for r in picks["borderline"]]
-    assert distance == sorted(distance)
-    assert "(not found)" not in (run / "report.html").read_text()
+    for section in SECTIONS:
+        assert section in page
+    assert page.count("<svg") >= 10  # 2 histograms, 6 threshold curves, one mixture per network
+    assert "<h3>Network A</h3>" in page and "<h3>Network B</h3>" in page
+    assert re.fullmatch(r"[01]\.\d{3}", _stat(page, "AUROC clean_score"))  # make_shards writes truth_clean
+    card = _compare_card(page)  # the tiny encoder is aligned: clean_score next to encoder_cosine
+    assert re.fullmatch(r"[01]\.\d{3}", _cell(card, "encoder_cosine"))
+    data = slider_data(page)
+    assert data["columns"][0]["name"] == "clean_score"
+    assert data["rule"] == {"column": "clean_score", "threshold": manifest["cutoff"]["value"]}
+    assert "(not found)" not in page and "colour 1 &lt;b&gt;&amp;" in page
+    assert not set(manifest["counts"]["by_reason"]) - {"kept", "below_keep_fraction"}
+    config = config_of(run)
+    stats, _ = scan_annotated(annotated_paths(config, manifest), Rule.from_run(config, manifest), seed=0)
+    assert sum(s["in"] for s in stats.shards.values()) == manifest["counts"]["in"]
+    assert sum(s["kept"] for s in stats.shards.values()) == manifest["counts"]["kept"]
+    path = write_report(config, str(run / "manifest.json"))  # rewritten from the same outputs: the same bytes
+    assert Path(path).read_text(encoding="utf-8") == page
 
 
 def test_normalised_losses_match_the_models_own_p_clean(run):
@@ -164,13 +351,6 @@ def test_normalised_losses_match_the_models_own_p_clean(run):
     assert 0.3 < float(np.sum(clean + noisy) * 0.01) < 1.1  # the weighted components integrate to about 1
 
 
-def test_binned_auroc_and_ticks():
-    assert binned_auroc(np.array([0, 0, 3]), np.array([2, 0, 0])) == 1.0
-    assert binned_auroc(np.array([1, 1]), np.array([1, 1])) == 0.5
-    assert binned_auroc(np.array([1]), np.array([0])) is None
-    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-
-
 # ---------------------------------------------------------------- rendered in a real browser
 
 
@@ -187,8 +367,8 @@ def _browser(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=120, check=True)
 
 
-def test_report_renders_in_headless_chromium(run, tmp_path):
-    url = (run / "report.html").as_uri()
+def test_report_renders_in_headless_chromium(truth_run, tmp_path):
+    url = (truth_run / "report.html").as_uri()
     dom = _browser(tmp_path, "--dump-dom", url).stdout
     assert dom.count("<svg") >= 5 and "<rect" in dom and "<polyline" in dom
     assert len(re.findall(r'<img [^>]*src="data:image/jpeg;base64,', dom)) >= 12

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import image_folder, tiny_config
-from bicro_clean.pipeline.make_shards import make_shards
-from bicro_clean.pipeline.run import run_pipeline
+from report_fixture import build_run, slider_data
 
-pytestmark = pytest.mark.slow  # a pipeline run plus three browser starts: ~15 s on 2 cores
+pytestmark = pytest.mark.slow  # two small runs' reports plus three browser starts: ~15 s on 2 cores
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
          "--disable-component-update", "--disable-sync")
 
-# Runs after the report's own script: record the readouts, move the slider to the top, record again, then
-# switch the column to p_clean and record once more. The results land in a <pre> that --dump-dom prints.
+# Runs after the report's own script: record the readouts, move the slider to the top and to the bottom, switch
+# the column to p_clean, then back to the run's column (clean_score), recording each time. The results land in
+# a <pre> that --dump-dom prints.
 PROBE = """<script>
 (function () {
   function read() {
@@ -49,6 +48,10 @@ PROBE = """<script>
   for (var i = 0; i < select.options.length; i++) { if (select.options[i].textContent === "p_clean") { select.selectedIndex = i; } }
   select.dispatchEvent(new Event("change", {bubbles: true}));
   log.p_clean = read();
+  select.selectedIndex = 0;
+  select.dispatchEvent(new Event("change", {bubbles: true}));
+  log.back = read();
+  log.note = document.getElementById("th-note").textContent;
   var pre = document.createElement("pre");
   pre.id = "probe";
   pre.textContent = JSON.stringify(log);
@@ -68,13 +71,9 @@ def _chromium() -> str:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
-    """A small cleaned run (25% caption noise, truth_clean known) and its report, captions carrying markup."""
-    root = tmp_path_factory.mktemp("data")
-    images, captions = image_folder(root, 8, (40, 30), lambda i: [f"a picture number {i}", f"colour {i} <b>&"])
-    make_shards(images, captions, root / "shards", shard_size=6, noise_rate=0.25)
-    out = tmp_path_factory.mktemp("out")
-    run_pipeline(tiny_config(str(root / "shards" / "*.tar"), out, select={"keep_fraction": 0.5}))
-    return out / "report.html"
+    """A small run's report (report_fixture: 25% caption noise, truth_clean known, aligned encoder, top half by
+    clean_score kept), captions carrying markup."""
+    return build_run(tmp_path_factory.mktemp("run")) / "report.html"
 
 
 def _dump(browser: str, page: Path, profile: Path) -> str:
@@ -83,8 +82,8 @@ def _dump(browser: str, page: Path, profile: Path) -> str:
     return done.stdout
 
 
-def test_slider_moves_update_the_kept_count(report, tmp_path):
-    browser = _chromium()
+def _probe(browser: str, report: Path, tmp_path: Path) -> dict:
+    """The report with PROBE appended, opened in the browser: the probe's log."""
     page = report.read_text(encoding="utf-8")
     assert page.count("</body>") == 1
     probed = tmp_path / "probed.html"
@@ -93,19 +92,38 @@ def test_slider_moves_update_the_kept_count(report, tmp_path):
     dom = _dump(browser, probed, tmp_path / "profile")
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert found, "the probe script did not run: " + dom[-2000:]
-    log = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
-                     .replace("&gt;", ">"))
+    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
+                      .replace("&gt;", ">"))
+
+
+def _kept_at(column: dict, threshold: float) -> int:
+    """Pairs the slider data says a threshold at the bin edge nearest `threshold` keeps (the script's rule)."""
+    k = max(0, min(column["bins"], round((threshold - column["lo"]) / (column["hi"] - column["lo"]) * column["bins"])))
+    return sum(column["total"][k:])
+
+
+def test_slider_moves_update_the_kept_count(report, tmp_path):
+    browser = _chromium()
+    log = _probe(browser, report, tmp_path)
 
     def kept(state: dict) -> int:
         return int(state["th-kept"].replace(",", ""))
 
     before, top, bottom = log["before"], log["top"], log["bottom"]
-    assert before["column"] == "soft_label" and before["pairs"] > 0
+    data = slider_data(report.read_text(encoding="utf-8"))
+    column = data["columns"][0]
+    # the slider opens on the run's column at the run's cutoff: it keeps what the run kept (up to one bin)
+    assert before["column"] == column["name"] == "clean_score" and before["pairs"] > 0
+    assert kept(before) == _kept_at(column, data["rule"]["threshold"])
+    step = (column["hi"] - column["lo"]) / column["bins"]
+    assert abs(float(before["th-value"]) - data["rule"]["threshold"]) <= step
     assert kept(bottom) > kept(before) > kept(top)  # moving the slider changes the kept count, monotonically
     assert bottom["th-frac"] == "100.0%" and top["th-value"] != before["th-value"]
     assert before["th-precision"].endswith("%") and bottom["th-recall"] == "100.0%"  # truth_clean is known
     assert top["kept_pairs"] < top["pairs"] and bottom["kept_pairs"] == bottom["pairs"]
     assert log["p_clean"]["column"] == "p_clean" and log["p_clean"]["th-value"] != bottom["th-value"]
+    assert log["back"] == before  # back on clean_score: at the run's cutoff again
+    assert log["note"].startswith("This run selected on clean_score at ")
 
 
 def test_plain_report_runs_its_script_without_errors(report, tmp_path):

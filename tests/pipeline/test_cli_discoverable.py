@@ -46,7 +46,7 @@ def test_version():
 def test_help_shows_the_defaults_of_run_and_embed():
     run = " ".join(_invoke("run", "--help").stdout.split())
     for text in ("(default: towers)", "(default: 0.5)", "(default: clean_score)", "(default: local)",
-                 "(default: 16384)", "(default: 8)", "(default: off)", "(default: 10000)", "FOLDER/*.tar"):
+                 "(default: 32768)", "(default: 8)", "(default: off)", "(default: 10000)", "FOLDER/*.tar"):
         assert text in run, text
     embed = " ".join(_invoke("embed", "--help").stdout.split())
     assert "(default: 64)" in embed and "(default: auto)" in embed and "on this machine)" in embed

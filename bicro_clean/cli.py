@@ -68,6 +68,10 @@ def _main(
     ctx.call_on_close(stop_terminal)
 
 
+_KIND_HELP = "shuffle | near-miss | alt-text | mix (README: Noise kinds)."
+_MIX_HELP = "With --noise-kind mix: fraction of pairs of this kind (default {})."
+
+
 @app.command("make-shards")
 def make_shards_cmd(
     images: Path = typer.Option(..., exists=True, file_okay=False, help="Folder of images."),
@@ -76,27 +80,23 @@ def make_shards_cmd(
     shard_size: int = typer.Option(1000, min=1, help="Samples per shard."),
     split_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="JSON {split: [image names]}."),
     split: Optional[str] = typer.Option(None, help="Which split of --split-file to write."),
-    noise_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of captions given another image."),
+    noise_kind: str = typer.Option("shuffle", help=_KIND_HELP),
+    noise_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Noisy fraction, one kind (default 0)."),
+    shuffle_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=_MIX_HELP.format(0.15)),
+    near_miss_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=_MIX_HELP.format(0.15)),
+    alt_text_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=_MIX_HELP.format(0.10)),
     noise_seed: int = typer.Option(0, help="Seed of the noise draw."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (quick demos)."),
 ) -> None:
     """Turn an image folder and a captions CSV into img2dataset-style WebDataset shards."""
     from bicro_clean.pipeline.make_shards import make_shards
 
-    if (split_file is None) != (split is None):
-        typer.echo("config error: --split-file and --split go together", err=True)
-        raise typer.Exit(2)
-    summary = make_shards(
-        images_dir=images,
-        captions_csv=captions,
-        out_dir=out,
-        shard_size=shard_size,
-        split_file=split_file,
-        split=split,
-        noise_rate=noise_rate,
-        noise_seed=noise_seed,
-        limit_images=limit,
-    )
+    mix = {"shuffle": shuffle_rate, "near-miss": near_miss_rate, "alt-text": alt_text_rate}
+    try:  # noise flags of the wrong kind, --split without --split-file, a bad CSV row or image: one line
+        summary = make_shards(images, captions, out, shard_size, split_file, split, noise_rate or 0.0, noise_seed,
+                              limit, noise_kind, mix)
+    except (ValueError, FileNotFoundError) as error:
+        raise fail("make-shards", error)
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -220,22 +220,32 @@ def serve_cmd(name: str = typer.Option("local", help="Deployment name: clean-sha
 def evaluate_cmd(
     data: Path = typer.Option(Path("../shared/data/flickr8k"), exists=True, file_okay=False,
                               help="Flickr8k folder (images/, captions.csv, splits.json)."),
-    noise_rate: float = typer.Option(0.4, min=0.0, max=1.0),
+    noise_kind: str = typer.Option("shuffle", help=_KIND_HELP),
+    noise_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Noisy fraction, one kind (default 0.4)."),
+    shuffle_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=_MIX_HELP.format(0.15)),
+    near_miss_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=_MIX_HELP.format(0.15)),
+    alt_text_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=_MIX_HELP.format(0.10)),
     seed: int = typer.Option(0),
-    methods: str = typer.Option("bicro,ncr,vanilla,oracle", help="Comma-separated subset."),
+    methods: str = typer.Option("bicro,ncr,vanilla,oracle", help="Comma-separated: bicro,ncr,vanilla,cosine,oracle."),
     out: Path = typer.Option(Path("results.json")),
     cache_dir: Path = typer.Option(Path(".cache/bicro-clean"), help="Where benchmark embeddings are cached."),
     device: str = typer.Option("cpu"),
     config_file: Optional[Path] = ConfigOpt,
 ) -> None:
-    """Noise detection and retrieval of BiCro vs NCR vs vanilla vs oracle on Flickr8k (towers embeddings)."""
-    from bicro_clean.models.params import BiCroParams
+    """Noise detection (overall, per noise kind) and retrieval of BiCro, NCR, vanilla, cosine, oracle on Flickr8k."""
     from bicro_clean.lab.evaluate import evaluate
+    from bicro_clean.models.params import BiCroParams
 
+    from bicro_clean.pipeline.noise_kinds import resolve_rates
+
+    try:
+        rates = resolve_rates(noise_kind, noise_rate, {"shuffle": shuffle_rate, "near-miss": near_miss_rate,
+                                                       "alt-text": alt_text_rate}, default_rate=0.4)
+    except ValueError as error:
+        raise fail("config", error)
     section = load_yaml(config_file).get("bicro", {}) if config_file else {}
-    params = BiCroParams.from_dict(section)
-    result = evaluate(data, noise_rate, seed, [m.strip() for m in methods.split(",") if m.strip()],
-                      out, cache_dir, params, device)
+    result = evaluate(data, rates, seed, [m.strip() for m in methods.split(",") if m.strip()],
+                      out, cache_dir, BiCroParams.from_dict(section), device)
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -1,7 +1,8 @@
 """Flickr8k for the lab: load it, embed it once (cached), and cut real-JPEG shards from it for benchmarks.
 
-Noise is applied at caption level by permuting image assignments, so embeddings of images and captions do not
-depend on the noise rate or seed: one cache per encoder serves every evaluation run.
+Noise is applied at caption level by permuting image assignments or substituting another Flickr8k caption, so
+embeddings of images and captions do not depend on the noise rate or seed: one cache per encoder serves every
+evaluation run. Generated alt-text strings are embedded once per set of strings (`cached_text_embeddings`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from bicro_clean.models.encoders import Encoder, load_encoder
+from bicro_clean.models.encoders import Encoder, load_encoder, shared_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,32 @@ def cached_embeddings(
     np.savez(tmp, image_emb=image_emb, text_emb=text_emb)
     tmp.rename(path)
     return {"image_emb": image_emb, "text_emb": text_emb}
+
+
+def _encoder_identity(encoder: Encoder) -> str:
+    return json.dumps({"encoder": encoder.describe(), "format": CACHE_FORMAT}, sort_keys=True)
+
+
+def cached_text_embeddings(
+    texts: list[str], cache_dir: str | Path, encoder_spec: str = "towers", device: str = "auto"
+) -> np.ndarray:
+    """Embeddings of arbitrary strings (the alt-text noise) with the benchmark's text encoder, cached under a key
+    of the encoder's description and the strings themselves, so a rerun with the same seed is instant."""
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    encoder = shared_encoder(encoder_spec, device)
+    digest = hashlib.sha256(_encoder_identity(encoder).encode())
+    digest.update(json.dumps(texts, ensure_ascii=False).encode())
+    path = Path(cache_dir) / f"texts-{encoder_spec.replace(':', '_').replace('/', '_')}-{digest.hexdigest()[:16]}.npy"
+    if path.exists():
+        logger.info("using cached text embeddings %s", path)
+        return np.load(path)
+    embeddings = _embed_texts(encoder, texts, 256)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, embeddings)
+    tmp.rename(path)
+    return embeddings
 
 
 def flickr_shards(root: Path, data_dir: Path, pairs: int, shards: int) -> Path:

@@ -1,8 +1,10 @@
 """Turn an image folder and an ``image,caption`` CSV into img2dataset-style WebDataset shards.
 
 This is the trusted preparation tool behind ``bicro-clean make-shards``: bad input (a missing image, an unreadable
-CSV row) is an error that names the row, not a recorded issue. Optional caption-level noise (`caption_noise`) gives
-benchmark shards with a known ground truth in each sample's ``KEY.json`` (``true_image``, ``truth_clean``).
+CSV row) is an error that names the row, not a recorded issue. Optional synthetic noise of one or several kinds
+(pipeline/noise_kinds.py: shuffle, near-miss, alt-text) gives benchmark shards with a known ground truth in each
+sample's ``KEY.json``: ``truth_clean``, ``noise_kind`` and ``true_image`` (the photo the sample's caption was written
+for: another photo's for shuffle and near-miss, null for alt-text, which describes none).
 
 Output bytes are deterministic (fixed mtime/owner, sorted members, USTAR), so the same inputs and seed always give
 byte-identical shards and downstream caches stay valid.
@@ -19,11 +21,12 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from bicro_clean.pipeline.noise import caption_noise, noisy_count
+from bicro_clean.pipeline.noise import noisy_count
+from bicro_clean.pipeline.noise_kinds import KINDS, noise_plan, resolve_rates
 from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS
 from bicro_clean.pipeline.writers import tar_info
 
@@ -43,10 +46,11 @@ class CaptionRow:
 @dataclass(frozen=True)
 class Pair:
     image: str  # the image actually paired (after noise)
-    true_image: str
+    true_image: str | None  # the photo the caption was written for (None: boilerplate alt-text)
     caption: str
-    caption_index: int  # 0-based index among the true image's captions, in CSV order
-    line: int
+    caption_index: int  # 0-based index of the row among its image's captions, in CSV order
+    line: int  # the CSV row this sample stands for (its caption may come from another row: near-miss)
+    kind: str = "clean"  # noise kind (pipeline/noise_kinds.KINDS)
 
 
 def sample_key(shard: int, index: int, shard_size: int) -> str:
@@ -121,18 +125,21 @@ def _check_images(rows: list[CaptionRow], images_dir: Path, source: Path) -> Non
             raise FileNotFoundError(f"{source}:{row.line}: image {row.image!r} not found in {images_dir}")
 
 
-def _pairs(rows: list[CaptionRow], noise_rate: float, noise_seed: int) -> list[Pair]:
-    """Order rows by (image name, CSV position), then give each caption its (possibly noisy) image."""
+def _pairs(rows: list[CaptionRow], rates: Mapping[str, float], noise_seed: int) -> list[Pair]:
+    """Order rows by (image name, CSV position), then apply the noise plan: each row becomes one sample with its
+    (possibly another) image and its (possibly another, or boilerplate) caption."""
     rows = sorted(rows, key=lambda row: (row.image, row.line))
     names = sorted({row.image for row in rows})
     index = {name: i for i, name in enumerate(names)}
     true_image = np.array([index[row.image] for row in rows], dtype=np.int64)
-    assigned = caption_noise(true_image, noise_rate, noise_seed)
+    plan = noise_plan(true_image, [row.caption for row in rows], rates, noise_seed)
     positions: dict[str, int] = {}
     pairs = []
-    for row, image in zip(rows, assigned):
+    for i, row in enumerate(rows):
         position = positions[row.image] = positions.get(row.image, -1) + 1
-        pairs.append(Pair(names[image], row.image, row.caption, position, row.line))
+        source = int(plan.caption[i])
+        written_for = None if source < 0 else rows[source].image
+        pairs.append(Pair(names[plan.image[i]], written_for, plan.text[i], position, row.line, str(plan.kind[i])))
     return pairs
 
 
@@ -155,7 +162,7 @@ def write_tar(path: Path, members: dict[str, bytes]) -> None:
 def _sample_members(key: str, pair: Pair, images_dir: Path) -> dict[str, bytes]:
     extension = Path(pair.image).suffix.lower().lstrip(".")
     meta = {"key": key, "image": pair.image, "true_image": pair.true_image, "caption_index": pair.caption_index,
-            "truth_clean": pair.image == pair.true_image, "csv_line": pair.line}
+            "truth_clean": pair.kind == "clean", "noise_kind": pair.kind, "csv_line": pair.line}
     return {
         f"{key}.{extension}": (images_dir / pair.image).read_bytes(),
         f"{key}.txt": pair.caption.encode("utf-8"),
@@ -198,11 +205,12 @@ def _select_rows(
     return rows
 
 
-def _count_noisy(pairs: list[Pair], noise_rate: float) -> int:
-    noisy = sum(pair.image != pair.true_image for pair in pairs)
-    if noisy != noisy_count(len(pairs), noise_rate):  # caption_noise cannot corrupt a single caption
-        logger.warning("asked for %d noisy captions, got %d", noisy_count(len(pairs), noise_rate), noisy)
-    return noisy
+def _count_kinds(pairs: list[Pair], rates: Mapping[str, float]) -> dict[str, int]:
+    counts = {kind: sum(pair.kind == kind for pair in pairs) for kind in KINDS}
+    for kind, rate in rates.items():
+        if counts[kind] != noisy_count(len(pairs), rate):  # a single caption cannot be shuffled
+            logger.warning("asked for %d %s captions, got %d", noisy_count(len(pairs), rate), kind, counts[kind])
+    return counts
 
 
 def make_shards(
@@ -215,19 +223,26 @@ def make_shards(
     noise_rate: float = 0.0,
     noise_seed: int = 0,
     limit_images: int | None = None,
+    noise_kind: str = "shuffle",
+    mix_rates: Mapping[str, float | None] | None = None,
 ) -> dict:
-    """Write ``00000.tar, 00001.tar, ...`` and ``_make_shards.json``; return the summary."""
+    """Write ``00000.tar, 00001.tar, ...`` and ``_make_shards.json``; return the summary. `noise_rate` is the rate
+    of a single `noise_kind`; ``noise_kind="mix"`` takes `mix_rates` (per kind, noise_kinds.MIX_DEFAULTS)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    # mix takes its own rates: a non-zero noise_rate with it is refused by resolve_rates, not ignored
+    rates = resolve_rates(noise_kind, noise_rate if noise_kind != "mix" or noise_rate else None, mix_rates)
     images_dir, captions_csv, out_dir = Path(images_dir), Path(captions_csv), Path(out_dir)
     rows = _select_rows(captions_csv, split_file, split, limit_images)
     _check_images(rows, images_dir, captions_csv)
-    pairs = _pairs(rows, noise_rate, noise_seed)
+    pairs = _pairs(rows, rates, noise_seed)
     written = _write_shards(pairs, images_dir, out_dir, shard_size)
-    summary = {"shards": len(written), "samples": len(pairs), "noisy": _count_noisy(pairs, noise_rate),
-               "out_dir": str(out_dir), "images": len({pair.true_image for pair in pairs}),
-               "shard_size": shard_size, "noise_rate": noise_rate, "noise_seed": noise_seed, "split": split,
-               "removed_stale": _remove_stale(out_dir, written)}
+    counts = _count_kinds(pairs, rates)
+    summary = {"shards": len(written), "samples": len(pairs), "noisy": len(pairs) - counts["clean"],
+               "noise_counts": counts, "noise_kind": noise_kind, "noise_rates": rates,
+               "out_dir": str(out_dir), "images": len({pair.image for pair in pairs}),
+               "shard_size": shard_size, "noise_rate": round(sum(rates.values()), 9), "noise_seed": noise_seed,
+               "split": split, "removed_stale": _remove_stale(out_dir, written)}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     logger.info("wrote %d samples (%d noisy) in %d shards to %s", len(pairs), summary["noisy"], len(written), out_dir)
     return summary

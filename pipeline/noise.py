@@ -26,7 +26,15 @@ def caption_noise(true_image: np.ndarray, rate: float, seed: int) -> np.ndarray:
     """Return the image assigned to each caption after corrupting floor(rate*N) of them."""
     true_image = np.asarray(true_image, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(true_image), size=noisy_count(len(true_image), rate), replace=False))
+    chosen = rng.choice(len(true_image), size=noisy_count(len(true_image), rate), replace=False)
+    return shuffle_images(true_image, chosen, rng)
+
+
+def shuffle_images(true_image: np.ndarray, chosen: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Permute the images of the `chosen` captions among themselves, no caption keeping its own image (unless
+    fewer than two are chosen). Shared by `caption_noise` and the noise plan of pipeline/noise_kinds.py, so
+    the same seed gives the same shuffle in both."""
+    chosen = np.sort(chosen)
     assigned = true_image.copy()
     if len(chosen) < 2:
         return assigned

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import tarfile
 
 import pytest
@@ -146,3 +147,39 @@ def test_clear_errors(dataset):
     _write_csv(dataset / "captions.csv", [("x.gif", "a gif")])
     with pytest.raises(ValueError, match="x.gif"):
         _make(dataset)
+
+
+def test_noise_kind_and_truth_in_every_sample_json(dataset):
+    summary = _make(dataset, shard_size=16, noise_kind="mix", noise_seed=2,
+                    mix_rates={"shuffle": 0.2, "near-miss": 0.2, "alt-text": 0.1})
+    assert summary["noise_counts"] == {"clean": 25, "shuffle": 10, "near-miss": 10, "alt-text": 5}
+    assert (summary["noisy"], summary["noise_kind"], summary["noise_rate"]) == (25, "mix", 0.5)
+    assert json.loads((dataset / "out" / SUMMARY_FILE).read_text())["noise_counts"] == summary["noise_counts"]
+    samples = _samples(dataset / "out")
+    kinds = [s.meta["noise_kind"] for s in samples]
+    assert {k: kinds.count(k) for k in set(kinds)} == {"clean": 25, "shuffle": 10, "near-miss": 10, "alt-text": 5}
+    for sample in samples:
+        meta, kind = sample.meta, sample.meta["noise_kind"]
+        assert meta["truth_clean"] == (kind == "clean")
+        found = re.search(r"of image (\d+)", sample.caption)  # the photo the caption was written for
+        caption_image = int(found.group(1)) if found else None
+        if kind in ("clean", "shuffle"):  # the row's own caption; shuffle moves the image
+            assert meta["true_image"] == f"im{caption_image:02d}.{'png' if caption_image == 3 else 'jpg'}"
+            assert (meta["image"] == meta["true_image"]) == (kind == "clean")
+        elif kind == "near-miss":  # the row's image, another photo's caption: true_image names that photo
+            assert meta["image"] != meta["true_image"] and int(meta["true_image"][2:4]) == caption_image
+        else:  # alt-text describes no photo
+            assert meta["true_image"] is None and caption_image is None and sample.caption.strip()
+
+
+def test_shuffle_kind_is_the_default_and_unchanged(dataset):
+    default = _make(dataset, "a", shard_size=7, noise_rate=0.4, noise_seed=3)
+    explicit = _make(dataset, "b", shard_size=7, noise_rate=0.4, noise_seed=3, noise_kind="shuffle")
+    assert _digests(dataset / "a") == _digests(dataset / "b")
+    assert {**default, "out_dir": ""} == {**explicit, "out_dir": ""}
+    assert default["noise_counts"] == {"clean": 30, "shuffle": 20, "near-miss": 0, "alt-text": 0}
+    assert {s.meta["noise_kind"] for s in _samples(dataset / "a")} == {"clean", "shuffle"}
+    with pytest.raises(ValueError, match="mix only"):
+        _make(dataset, "c", noise_rate=0.4, mix_rates={"alt-text": 0.1})
+    with pytest.raises(ValueError, match="single kind"):
+        _make(dataset, "c", noise_rate=0.4, noise_kind="mix")

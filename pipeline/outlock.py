@@ -6,21 +6,28 @@ files, the last writer winning file by file. Each run therefore holds a shared `
 its configuration hash (`OUT/.locks/<hash>.lock`) and refuses to start while a lock of another hash is held.
 The kernel drops a lock when its process dies, so a killed run never blocks the next one.
 
-Local output folders only: object stores have no advisory locks (a remote `--out` runs unguarded, logged once).
+Object stores have no advisory locks. For a remote `--out` (``s3://bucket/out``) the lock files live in a local
+folder keyed by the URL, `<temp dir>/bicro-clean-locks/<sha256(url)[:16]>/`: runs on this machine are guarded
+as for a local folder; runs on other machines writing to the same URL are not (logged once per run).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
+import tempfile
 from typing import Iterator
 
 import fsspec
 
+from bicro_clean.pipeline.parquet_io import is_local_fs
+
 logger = logging.getLogger(__name__)
 LOCK_DIR = ".locks"
+REMOTE_LOCKS = "bicro-clean-locks"  # under the temp dir: the lock folders of remote outputs
 
 
 class OutputBusyError(RuntimeError):
@@ -41,16 +48,22 @@ def _held_by_someone(path: str) -> bool:
     return False
 
 
+def lock_folder(output: str) -> str:
+    """Where the lock files of `output` live: inside a local folder; for a remote URL, in a local folder keyed
+    by the URL (a bucket cannot hold a flock)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    if is_local_fs(fs):
+        return os.path.join(root, LOCK_DIR)
+    url = fs.unstrip_protocol(root.rstrip("/"))  # one spelling: "s3://b/out/" and "s3://b/out" share a lock
+    logger.info("output %s is remote: runs with other configs are detected on this machine only", output)
+    return os.path.join(tempfile.gettempdir(), REMOTE_LOCKS, hashlib.sha256(url.encode()).hexdigest()[:16])
+
+
 @contextlib.contextmanager
 def output_lock(output: str, config_hash: str) -> Iterator[None]:
     """Hold this configuration's lock on `output` for the block; OutputBusyError when another configuration's
     run holds one."""
-    fs, root = fsspec.core.url_to_fs(output)
-    if "file" not in fs.protocol and "local" not in fs.protocol:
-        logger.info("output %s is not a local folder: concurrent runs with other configs are not detected", output)
-        yield
-        return
-    folder = os.path.join(root, LOCK_DIR)
+    folder = lock_folder(output)
     os.makedirs(folder, exist_ok=True)
     mine = os.path.join(folder, f"{config_hash}.lock")
     fd = os.open(mine, os.O_RDWR | os.O_CREAT, 0o644)

@@ -31,6 +31,10 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in fs.protocol or "local" in fs.protocol
+
+
 @contextmanager
 def atomic_output(path: str) -> Iterator[str]:
     """Yield a temporary sibling path; rename it to `path` only if the block finishes.
@@ -39,16 +43,22 @@ def atomic_output(path: str) -> Iterator[str]:
     `.tmp-<uuid>-<name>.partial` file, which nothing reads and the next run does not reuse (it writes its own).
     The `.partial` suffix keeps such leftovers out of `*.parquet` / `*.tar` globs: polars and fsspec globs,
     unlike the shell's, also match dot files, so `pl.scan_parquet("out/annotated/*.parquet")` would choke on one.
+    An object store has no rename: `mv` there is a server-side copy then a delete, and an object appears whole
+    or not at all, so the guarantee holds there too. (Writing straight to the final key would not do: fsspec
+    commits a remote file on close even when the block raised, publishing a partial one.)
     """
     fs, _, (final,) = fsspec.get_fs_token_paths(path)
     parent = final.rsplit("/", 1)[0] if "/" in final else "."
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}.partial"
+    moved = False
     try:
-        yield tmp
+        # callers open the name with fsspec.open: a remote one needs its protocol back ("bucket/x" is local)
+        yield tmp if is_local_fs(fs) else fs.unstrip_protocol(tmp)
         fs.mv(tmp, final)
+        moved = True
     finally:
-        if fs.exists(tmp):
+        if not moved and fs.exists(tmp):  # after a move there is nothing to check: saves requests on a store
             fs.rm(tmp)
 
 

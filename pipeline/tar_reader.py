@@ -1,7 +1,8 @@
 """Streaming tar reader: one shard in, one `RawSample` or `ReadIssue` per member group out, in shard order.
 
-Shards are streamed (`tarfile` pipe mode over an fsspec file, or the stdout of an allowed `pipe:` command; plain
-tars through `bicro_clean.pipeline.tar_plain`, tarfile's results at a fraction of its cost), one member at a time:
+Shards are streamed (`tarfile` pipe mode over an fsspec file, an http(s) stream that resumes after a cut
+connection (`bicro_clean.pipeline.http_read`), or the stdout of an allowed `pipe:` command; plain tars through
+`bicro_clean.pipeline.tar_plain`, tarfile's results at a fraction of its cost), one member at a time:
 memory stays bounded by one sample, whatever the shard size. Member bytes are not decoded here (that is
 `bicro_clean.pipeline.decode`), so cleaned shards can copy them byte-for-byte.
 
@@ -22,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import IO, Generator, Iterator
 
 import fsspec
+import fsspec.compression
 from fsspec.implementations.local import LocalFileSystem
 
 from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.http_read import ResumingHTTPReader, is_http
 from bicro_clean.pipeline.shards import (
     RawSample,
     ReadIssue,
@@ -329,6 +332,12 @@ def _open_stream(url: str) -> Iterator[IO[bytes]]:
         local = fsspec.core.OpenFile(LocalFileSystem(), os.path.abspath(url), "rb", compression=compression)
         with local as stream:
             yield stream
+        return
+    if is_http(url):  # read so that a cut connection keeps what arrived (pipeline/http_read.py)
+        compression = fsspec.core.get_compression(url, compression)
+        with ResumingHTTPReader(url) as raw:
+            with (fsspec.compression.compr[compression](raw, mode="rb") if compression else raw) as stream:
+                yield stream
         return
     with fsspec.open(url, "rb", compression=compression) as stream:
         yield stream

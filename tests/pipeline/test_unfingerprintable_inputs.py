@@ -49,3 +49,28 @@ def test_pipe_http_404_and_http_200_shards_in_one_run(tiny_shards: Path, tmp_pat
     piped = rows.filter(pl.col("shard") == f"pipe:cat {good[2]}")
     assert served.height > 1 and (served["decision"] != "error").all()
     assert piped.height > 1 and (piped["decision"] != "error").all()
+
+
+@pytest.mark.slow
+def test_http_shards_resume_to_identical_outputs(tiny_shards: Path, tmp_path: Path, http_root) -> None:
+    """Issue 15, item 9: a brace range served over HTTP runs, a rerun reuses every shard, and a rerun after
+    outputs were deleted rewrites them with the same bytes."""
+    import hashlib
+
+    root, base = http_root
+    for i, shard in enumerate(sorted(tiny_shards.glob("*.tar"))):
+        (root / f"{i:05d}.tar").write_bytes(shard.read_bytes())
+    out, config = tmp_path / "out", tiny_config(f"{base}/{{00000..00003}}.tar", tmp_path / "out")
+
+    def hashes() -> dict[str, str]:
+        return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file() and ".locks" not in p.parts}
+
+    first = run_pipeline(config)
+    reference = hashes()
+    assert first["shards"] == 4 and first["errors"] < first["in"]
+    assert run_pipeline(config)["cached_shards"] == 4
+    for path in [*out.glob("annotated/00001-*"), *out.glob("embeddings/00002-*"), out / "manifest.json"]:
+        path.unlink()
+    assert run_pipeline(config)["cached_shards"] == 3
+    assert hashes() == reference

@@ -75,14 +75,31 @@ def build_config(config_file: Optional[Path], overrides: dict[str, Any]) -> Clea
     return validate(merged_config(config_file, overrides))
 
 
+def remote_output_problem(output: str) -> str | None:
+    """Why a remote --out (s3://...) cannot be written, found by writing and removing one small probe object: two
+    requests, instead of a botocore traceback after the embed stage."""
+    import fsspec
+
+    probe = output.rstrip("/") + f"/.bicro-clean-probe-{os.getpid()}"
+    try:
+        fs, path = fsspec.core.url_to_fs(probe)
+        with fs.open(path, "wb") as fh:
+            fh.write(b"probe")
+        fs.rm(path)
+    except Exception as error:  # any failure here (network, credentials, bucket) makes the output unusable
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return f"--out {output!r} cannot be written: {type(error).__name__}: {first_line}"
+    return None
+
+
 def output_problem(output: str) -> str | None:
-    """Why a local output folder cannot be used (an existing file, not writable), or None. URLs are left to the
-    run: checking them costs requests and credentials."""
+    """Why the output folder cannot be used (an existing file, not writable, a remote store that refuses a write),
+    or None."""
     import fsspec
 
     protocol, path = fsspec.core.split_protocol(output)
     if protocol not in (None, "file", "local"):
-        return None
+        return remote_output_problem(output)
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.exists(path) and not os.path.isdir(path):
         return f"--out {output!r} is an existing file, not a folder"

@@ -139,3 +139,32 @@ def test_the_console_script_prints_only_the_line(tree, runner):
                           capture_output=True, text=True, timeout=120, cwd=tree)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [f"input error: no shard matches 'nope/*.tar' (working directory {tree})"]
+
+
+def test_a_remote_out_that_refuses_writes_is_one_line(tree, guarded):
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Denied(MemoryFileSystem):
+        """A remote store that refuses every write, as S3 does for a missing bucket or a read-only key."""
+
+        protocol = "denied"
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode:
+                raise PermissionError("Access Denied")
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("denied", Denied, clobber=True)
+    result = CliRunner().invoke(cli.app, ["run", "--input", str(tree / "shards"), "--out", "denied://bucket/out"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--out 'denied://bucket/out' cannot be written: PermissionError: Access Denied" in result.stderr
+
+
+def test_a_writable_remote_out_passes_the_probe_and_keeps_nothing_of_it():
+    import fsspec
+
+    from bicro_clean.cli_support import output_problem
+
+    assert output_problem("memory://probe-bucket/out") is None
+    assert not fsspec.filesystem("memory").glob("/probe-bucket/out/.bicro-clean-probe-*")

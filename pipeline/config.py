@@ -40,6 +40,11 @@ class ReaderConfig(_Section):
         "shorter are recorded as image_aspect_ratio, before decoding: resizing the shorter side to the encoder's "
         "224 px would blow a 1x20000 strip up to 224x4,480,000 (a 164-byte PNG took 4.7 GB)."
     )
+    max_decode_seconds: float = Field(
+        30.0, ge=0, allow_inf_nan=False, description="Images whose decode takes longer are recorded as "
+        "decode_timeout (0 = no bound). Within the pixel bound a hostile file (thousands of progressive scans) can "
+        "still take minutes; a photograph takes milliseconds."
+    )
     allow_pipe: bool = Field(False, description="Allow pipe: shard URLs, which run shell commands.")
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.decode_budget import DecodeTimeout, decode_time_bound
 from bicro_clean.pipeline.shards import (
     CAPTION_EXTENSION,
     IMAGE_EXTENSIONS,
@@ -135,7 +136,10 @@ def _decode_image(raw: RawSample, extension: str, config: ReaderConfig, min_side
                 if defer is not None and defer(image, raw.members[extension]):
                     return None, width, height  # every header check passed; no pixel decoded here
                 _reduce(image, min_side)  # after the bound check: width/height stay the header's, as recorded
-                return _to_rgb(_upright(image)), width, height
+                with decode_time_bound(config.max_decode_seconds):
+                    return _to_rgb(_upright(image)), width, height
+    except DecodeTimeout:
+        return _issue(raw, "decode_timeout", f"decoding took over max_decode_seconds={config.max_decode_seconds:g}")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return _issue(raw, "image_too_large", describe_error(error))
     except Exception as error:  # untrusted bytes: PIL raises OSError, SyntaxError, ValueError, struct.error...

@@ -43,6 +43,7 @@ REASONS: dict[str, str] = {
     "image_too_large": "The image header declares more than reader.max_image_pixels pixels; it is never decoded.",
     "image_aspect_ratio": "The image's longer side is more than reader.max_aspect_ratio times its shorter side (a "
     "thin strip that resizing would blow up); it is never decoded.",
+    "decode_timeout": "Decoding the image took longer than reader.max_decode_seconds.",
     "invalid_json": "The .json member is not a JSON object.",
     "duplicate_key": "The key (or a key + extension) already appeared in this shard; the first occurrence is kept.",
     "unsafe_member_name": "The member name is absolute, has a '..' component, control characters, invalid UTF-8 "

@@ -173,14 +173,14 @@ def run_cmd(
     flags = {k: v for k, v in locals().items() if k != "config_file"}
     cfg = build_config(config_file, _run_overrides(**flags))
     check_io(cfg)  # before any model loads or Prefect starts
-    from bicro_clean.pipeline.outlock import OutputBusyError
+    from bicro_clean.pipeline.outlock import OutputBusyError, OutputError
     from bicro_clean.pipeline.shards import InputError
 
     try:
         summary = run_with_runner(cfg)
     except InputError as error:  # the input changed after the check: still one line
         raise fail("input", error)
-    except OutputBusyError as error:
+    except (OutputBusyError, OutputError) as error:  # also changed after the check
         raise fail("output", error)
     print_run_summary(summary)
 
@@ -203,6 +203,9 @@ def run_with_runner(cfg: CleanConfig) -> dict[str, Any]:
         from bicro_clean.pipeline.run import run_pipeline
 
         return run_pipeline(cfg)
+    from bicro_clean.flows.ephemeral import start_early
+
+    start_early()  # Prefect's temporary API server boots while the next import loads torch and the stages
     from bicro_clean.flows.clean_shards import run_flow
 
     return run_flow(cfg)

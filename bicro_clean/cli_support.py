@@ -75,31 +75,10 @@ def build_config(config_file: Optional[Path], overrides: dict[str, Any]) -> Clea
     return validate(merged_config(config_file, overrides))
 
 
-def output_problem(output: str) -> str | None:
-    """Why a local output folder cannot be used (an existing file, not writable), or None. URLs are left to the
-    run: checking them costs requests and credentials."""
-    import fsspec
-
-    protocol, path = fsspec.core.split_protocol(output)
-    if protocol not in (None, "file", "local"):
-        return None
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"--out {output!r} is an existing file, not a folder"
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"--out {output!r} cannot be created: {parent!r} is a file"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"--out {output!r} is not writable" if parent == path else \
-            f"--out {output!r} cannot be created: {parent!r} is not writable"
-    return None
-
-
 def check_io(config: CleanConfig) -> list[str]:
     """The shards the spec names and a usable output folder, checked before any model loads: each problem is one
     line on stderr and exit code 2. Returns the shard URLs."""
+    from bicro_clean.pipeline.outlock import output_problem
     from bicro_clean.pipeline.shards import InputError, expand_shard_spec
 
     try:

@@ -27,6 +27,31 @@ class OutputBusyError(RuntimeError):
     """Another run with a different configuration is writing to the same output folder."""
 
 
+class OutputError(ValueError):
+    """The output location cannot be used as a folder (an existing file, not writable). Its message is one line:
+    the CLI prints it before any work, and a deployment run fails with it as its state message."""
+
+
+def output_problem(output: str) -> str | None:
+    """Why a local output folder cannot be used (an existing file, not writable), or None. URLs are left to the
+    run: checking them costs requests and credentials."""
+    protocol, path = fsspec.core.split_protocol(output)
+    if protocol not in (None, "file", "local"):
+        return None
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--out {output!r} is an existing file, not a folder"
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--out {output!r} cannot be created: {parent!r} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {output!r} is not writable" if parent == path else \
+            f"--out {output!r} cannot be created: {parent!r} is not writable"
+    return None
+
+
 def _held_by_someone(path: str) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -45,6 +70,9 @@ def _held_by_someone(path: str) -> bool:
 def output_lock(output: str, config_hash: str) -> Iterator[None]:
     """Hold this configuration's lock on `output` for the block; OutputBusyError when another configuration's
     run holds one."""
+    problem = output_problem(output)
+    if problem:  # checked here too: a deployment run has no CLI check before it (else a NotADirectoryError)
+        raise OutputError(problem)
     fs, root = fsspec.core.url_to_fs(output)
     if "file" not in fs.protocol and "local" not in fs.protocol:
         logger.info("output %s is not a local folder: concurrent runs with other configs are not detected", output)

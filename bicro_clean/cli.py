@@ -43,6 +43,7 @@ from bicro_clean.cli_support import (  # noqa: E402
     version_callback,
 )
 from bicro_clean.pipeline.config import CleanConfig, load_yaml  # noqa: E402
+from bicro_clean.stop_signals import stop_on_signals  # noqa: E402
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Clean image-text datasets with BiCro.")
@@ -177,7 +178,8 @@ def run_cmd(
     from bicro_clean.pipeline.shards import InputError
 
     try:
-        summary = run_with_runner(cfg)
+        with stop_on_signals():  # Ctrl-C / SIGTERM: exit 130 / 143 in seconds, no process left (stop_signals.py)
+            summary = run_with_runner(cfg)
     except InputError as error:  # the input changed after the check: still one line
         raise fail("input", error)
     except (OutputBusyError, OutputError) as error:  # also changed after the check
@@ -376,9 +378,9 @@ def demo_cmd(
     from bicro_clean.lab.demo import DemoError, format_summary, run_demo
 
     try:
-        summary = run_demo(out, run_with_runner, data=data, images=images, noise_rate=noise_rate, seed=seed,
-                           overrides={"embed.encoder": encoder, "runner.kind": runner,
-                                      "bicro.epochs": epochs})
+        with stop_on_signals():
+            summary = run_demo(out, run_with_runner, data=data, images=images, noise_rate=noise_rate, seed=seed,
+                               overrides={"embed.encoder": encoder, "runner.kind": runner, "bicro.epochs": epochs})
     except ValidationError as error:
         typer.echo(_format_validation_error(error), err=True)
         raise typer.Exit(2)

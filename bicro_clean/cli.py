@@ -207,7 +207,7 @@ def run_with_runner(cfg: CleanConfig) -> dict[str, Any]:
         return run_pipeline(cfg)
     from bicro_clean.flows.ephemeral import start_early
 
-    start_early()  # Prefect's temporary API server boots while the next import loads torch and the stages
+    start_early()  # Prefect's temporary API server boots while the next import loads torch (flows/ephemeral.py)
     from bicro_clean.flows.clean_shards import run_flow
 
     return run_flow(cfg)

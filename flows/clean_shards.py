@@ -24,7 +24,7 @@ from prefect.context import FlowRunContext
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import task_run
 
-from bicro_clean.flows.ephemeral import wait_ready
+from bicro_clean.flows.ephemeral import api_for_flow
 from bicro_clean.flows.runners import task_runner_for, worker_count
 from bicro_clean.pipeline import select
 from bicro_clean.pipeline.config import CleanConfig
@@ -122,5 +122,5 @@ def clean_shards(config: CleanConfig) -> dict[str, Any]:
 
 def run_flow(config: CleanConfig) -> dict[str, Any]:
     """Run the flow in this process (Prefect's ephemeral API, no server) on the configured task runner."""
-    wait_ready()  # the temporary API server the CLI started early, if it did
-    return clean_shards.with_options(task_runner=task_runner_for(config.runner))(config=config)
+    with api_for_flow():  # the temporary API server the CLI launched first thing, if it did (flows/ephemeral.py)
+        return clean_shards.with_options(task_runner=task_runner_for(config.runner))(config=config)

@@ -1,58 +1,104 @@
-"""Prefect's temporary API server for an in-process run, started before the heavy imports instead of after them.
+"""Prefect's temporary API server for an in-process run, started at the beginning of the run instead of after its
+imports, and without importing the server into the run's own process.
 
-Without a PREFECT_API_URL, the first flow call starts a temporary API server (a `uvicorn` subprocess) and waits
-for it to answer. That happens only once the flow module has imported torch, the encoders and the stages, so
-the server's own boot (seconds: it imports the whole Prefect server and opens its database) followed our imports
-instead of running beside them on the other core. `start_early()` starts Prefect's own server object
-(`SubprocessASGIServer`, the one the flow call looks up, so the flow finds it running) from a thread while the
-caller goes on importing; `wait_ready()` joins that thread before the flow starts. Measured figures:
-docs/benchmarks.md (cached rerun through Prefect).
+Without a configured API URL, Prefect's first flow call starts a temporary API server (a `uvicorn` subprocess
+serving `prefect.server.api.server:create_app`) and waits for it. That cost a fully cached rerun seconds twice
+over (profiled with py-spy, docs/benchmarks.md): the run's process first imported the whole Prefect server
+(2-4 s of CPU) only to launch that subprocess, and the server's boot (it imports the same modules, ~6 s) began
+only once the run had imported torch and the stages, instead of beside them on the other core. Here the run
+launches the same server itself, first thing, and points the flow at it with Prefect's `temporary_settings`
+(what a user's PREFECT_API_URL does). `PREFECT__SERVER_EPHEMERAL=1` is what Prefect sets for its temporary
+server: the server runs only the services an ephemeral server needs. With an API URL configured (env or
+profile), nothing is started and the flow talks to that server, as before.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
-import threading
-from typing import Any, Optional
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Iterator, Optional
 
 logger = logging.getLogger(__name__)
-_STARTER: dict[str, Any] = {}  # "thread": the starting thread, "error": what it raised, "server": the server
+APP = "prefect.server.api.server:create_app"
+STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL: the server holds nothing that a kill can damage (SQLite is journaled)
+_SERVER: dict[str, object] = {}  # "proc": the Popen, "api": its API URL
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _needs_temporary_server() -> bool:
+    """No API URL in the environment or the active profile, and ephemeral servers allowed (else Prefect's own
+    behaviour: that server, or its error about the missing URL)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     return not PREFECT_API_URL.value() and bool(PREFECT_SERVER_EPHEMERAL_ENABLED.value())
 
 
-def _start(server: Any) -> None:
-    try:
-        server.start()
-    except BaseException as error:  # noqa: BLE001 - re-raised by wait_ready in the caller's thread
-        _STARTER["error"] = error
-
-
 def start_early() -> None:
-    """Start the temporary API server in the background (a no-op with a configured PREFECT_API_URL, or twice)."""
-    if "thread" in _STARTER or not _needs_temporary_server():
+    """Launch the temporary API server now, in the background (nothing when an API URL is configured, or twice)."""
+    if _SERVER or not _needs_temporary_server():
         return
-    # Imported here, in the caller's thread: two threads importing the same large package at once is where
-    # Python's per-module import locks can hand one of them a half-initialised module.
-    from prefect.server.api.server import SubprocessASGIServer
+    port = _free_port()
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", APP, "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
+    _SERVER.update(proc=proc, api=f"http://127.0.0.1:{port}/api")
+    atexit.register(stop)
+    logger.debug("temporary Prefect API server starting on port %d (pid %d)", port, proc.pid)
 
-    server = SubprocessASGIServer()  # Prefect keeps one per port; port None is the one a flow call uses
-    thread = threading.Thread(target=_start, args=(server,), name="bicro-prefect-api-start", daemon=True)
-    _STARTER.update(thread=thread, server=server)
-    thread.start()
+
+def _wait_healthy(proc: subprocess.Popen, api: str) -> None:
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the temporary Prefect API server exited with code {proc.returncode} at start")
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # not listening yet
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the temporary Prefect API server did not answer in "
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
 
 
-def wait_ready() -> None:
-    """Until the server `start_early` started answers (its start-up error, if any, raised here)."""
-    thread: Optional[threading.Thread] = _STARTER.get("thread")
-    if thread is None:
+@contextlib.contextmanager
+def api_for_flow() -> Iterator[None]:
+    """The block's flow calls use the server `start_early` launched, once it answers (else Prefect's defaults)."""
+    proc, api = _SERVER.get("proc"), _SERVER.get("api")
+    if not isinstance(proc, subprocess.Popen) or not isinstance(api, str):
+        yield
         return
-    thread.join()
-    error = _STARTER.pop("error", None)
-    if error is not None:
-        raise error
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    _wait_healthy(proc, api)
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        yield
+
+
+def stop() -> None:
+    """Stop the temporary server (at exit; Ctrl-C and SIGTERM kill it through bicro_clean/stop_signals.py)."""
+    proc = _SERVER.pop("proc", None)
+    _SERVER.pop("api", None)
+    if not isinstance(proc, subprocess.Popen) or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

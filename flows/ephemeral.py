@@ -45,17 +45,25 @@ def _needs_temporary_server() -> bool:
     return not PREFECT_API_URL.value() and bool(PREFECT_SERVER_EPHEMERAL_ENABLED.value())
 
 
-def start_early() -> None:
-    """Launch the temporary API server now, in the background (nothing when an API URL is configured, or twice)."""
-    if _SERVER or not _needs_temporary_server():
-        return
+def _launch() -> None:
     port = _free_port()
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", APP, "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
     _SERVER.update(proc=proc, api=f"http://127.0.0.1:{port}/api")
-    atexit.register(stop)
     logger.debug("temporary Prefect API server starting on port %d (pid %d)", port, proc.pid)
+
+
+def start_early() -> None:
+    """Launch the temporary API server now, in the background (nothing when an API URL is configured, or twice)."""
+    if _SERVER or not _needs_temporary_server():
+        return
+    _launch()
+    atexit.register(stop)
+
+
+class _ServerExited(RuntimeError):
+    pass
 
 
 def _wait_healthy(proc: subprocess.Popen, api: str) -> None:
@@ -64,7 +72,7 @@ def _wait_healthy(proc: subprocess.Popen, api: str) -> None:
     deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the temporary Prefect API server exited with code {proc.returncode} at start")
+            raise _ServerExited(f"the temporary Prefect API server exited with code {proc.returncode} at start")
         try:
             with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
                 if response.status == 200:
@@ -76,17 +84,31 @@ def _wait_healthy(proc: subprocess.Popen, api: str) -> None:
                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
 
 
+def _ready_api(attempts: int = 3) -> str:
+    """The API URL once the server answers; a server that exits at start (its port taken between our probe and
+    its bind) is launched again on another port."""
+    for attempt in range(attempts):
+        proc, api = _SERVER["proc"], _SERVER["api"]
+        try:
+            _wait_healthy(proc, api)  # type: ignore[arg-type]
+            return str(api)
+        except _ServerExited:
+            if attempt == attempts - 1:
+                raise
+            logger.warning("temporary Prefect API server exited at start: launching it again")
+            _launch()
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def api_for_flow() -> Iterator[None]:
     """The block's flow calls use the server `start_early` launched, once it answers (else Prefect's defaults)."""
-    proc, api = _SERVER.get("proc"), _SERVER.get("api")
-    if not isinstance(proc, subprocess.Popen) or not isinstance(api, str):
+    if "proc" not in _SERVER:
         yield
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    _wait_healthy(proc, api)
-    with temporary_settings(updates={PREFECT_API_URL: api}):
+    with temporary_settings(updates={PREFECT_API_URL: _ready_api()}):
         yield
 
 

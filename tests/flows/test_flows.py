@@ -78,6 +78,19 @@ def test_flow_on_dask_local_cluster_matches_local(tiny_shards, tmp_path, referen
     assert _hashes(tmp_path) == reference
 
 
+def test_no_temporary_server_is_launched_when_an_api_url_is_configured(tmp_path):
+    """flows/ephemeral.py launches Prefect's temporary API server only where Prefect itself would start one."""
+    import subprocess
+
+    script = ("from bicro_clean.flows import ephemeral\n"
+              "ephemeral.start_early()\n"
+              "with ephemeral.api_for_flow():\n"
+              "    print(sorted(ephemeral._SERVER))\n")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
 def test_bad_config_is_rejected_before_any_work(tmp_path):
     from pydantic import ValidationError
 

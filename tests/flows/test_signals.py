@@ -68,9 +68,14 @@ def _hashes(root: Path) -> dict[str, str]:
 
 
 def _run(config: Path, env: dict[str, str], log: Path) -> subprocess.CompletedProcess:
+    """Run to the end in its own session; nothing of it (the temporary API server) may outlive it."""
+    args = [str(BIN / "bicro-clean"), "run", "-c", str(config)]
     with open(log, "w") as err:
-        return subprocess.run([str(BIN / "bicro-clean"), "run", "-c", str(config)], env=env, stdout=err,
-                              stderr=subprocess.STDOUT, timeout=900)
+        proc = subprocess.Popen(args, env=env, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
+        code = proc.wait(timeout=900)
+    left = _session(proc.pid)
+    assert left == [], f"left behind: {[p.cmdline() for p in left]}"
+    return subprocess.CompletedProcess(args, code)
 
 
 @pytest.fixture(scope="module")

@@ -190,6 +190,11 @@ def _bad_inputs(tmp_path: Path, tiny_shards: Path) -> dict[str, tuple[str, str, 
     good = str(tiny_shards / "*.tar")
     specs = {"no match": str(tmp_path / "none" / "*.tar"), "brace typo": str(tiny_shards / "{00000..00002.tar"),
              "empty folder": str(tmp_path / "empty")}
+    if os.geteuid() != 0:  # root reads a mode-000 file anyway
+        locked = tmp_path / "locked.tar"
+        locked.write_bytes(b"x")
+        locked.chmod(0)
+        specs["unreadable"] = str(locked)
     cases = {}
     for case, spec in specs.items():
         with pytest.raises(InputError) as error:

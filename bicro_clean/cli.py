@@ -43,6 +43,7 @@ from bicro_clean.cli_support import (  # noqa: E402
     version_callback,
 )
 from bicro_clean.pipeline.config import CleanConfig, load_yaml  # noqa: E402
+from bicro_clean.stop_signals import stop_on_signals  # noqa: E402
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Clean image-text datasets with BiCro.")
@@ -173,14 +174,15 @@ def run_cmd(
     flags = {k: v for k, v in locals().items() if k != "config_file"}
     cfg = build_config(config_file, _run_overrides(**flags))
     check_io(cfg)  # before any model loads or Prefect starts
-    from bicro_clean.pipeline.outlock import OutputBusyError
+    from bicro_clean.pipeline.outlock import OutputBusyError, OutputError
     from bicro_clean.pipeline.shards import InputError
 
     try:
-        summary = run_with_runner(cfg)
+        with stop_on_signals():  # Ctrl-C / SIGTERM: exit 130 / 143 in seconds, no process left (stop_signals.py)
+            summary = run_with_runner(cfg)
     except InputError as error:  # the input changed after the check: still one line
         raise fail("input", error)
-    except OutputBusyError as error:
+    except (OutputBusyError, OutputError) as error:  # also changed after the check
         raise fail("output", error)
     print_run_summary(summary)
 
@@ -203,6 +205,9 @@ def run_with_runner(cfg: CleanConfig) -> dict[str, Any]:
         from bicro_clean.pipeline.run import run_pipeline
 
         return run_pipeline(cfg)
+    from bicro_clean.flows.ephemeral import start_early
+
+    start_early()  # Prefect's temporary API server boots while the next import loads torch (flows/ephemeral.py)
     from bicro_clean.flows.clean_shards import run_flow
 
     return run_flow(cfg)
@@ -383,9 +388,9 @@ def demo_cmd(
     from bicro_clean.lab.demo import DemoError, format_summary, run_demo
 
     try:
-        summary = run_demo(out, run_with_runner, data=data, images=images, noise_rate=noise_rate, seed=seed,
-                           overrides={"embed.encoder": encoder, "runner.kind": runner,
-                                      "bicro.epochs": epochs})
+        with stop_on_signals():
+            summary = run_demo(out, run_with_runner, data=data, images=images, noise_rate=noise_rate, seed=seed,
+                               overrides={"embed.encoder": encoder, "runner.kind": runner, "bicro.epochs": epochs})
     except ValidationError as error:
         typer.echo(_format_validation_error(error), err=True)
         raise typer.Exit(2)

@@ -75,48 +75,10 @@ def build_config(config_file: Optional[Path], overrides: dict[str, Any]) -> Clea
     return validate(merged_config(config_file, overrides))
 
 
-def remote_output_problem(output: str) -> str | None:
-    """Why a remote --out (s3://...) cannot be written, found by writing and removing one small probe object: two
-    requests, instead of a botocore traceback after the embed stage."""
-    import fsspec
-
-    probe = output.rstrip("/") + f"/.bicro-clean-probe-{os.getpid()}"
-    try:
-        fs, path = fsspec.core.url_to_fs(probe)
-        with fs.open(path, "wb") as fh:
-            fh.write(b"probe")
-        fs.rm(path)
-    except Exception as error:  # any failure here (network, credentials, bucket) makes the output unusable
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        return f"--out {output!r} cannot be written: {type(error).__name__}: {first_line}"
-    return None
-
-
-def output_problem(output: str) -> str | None:
-    """Why the output folder cannot be used (an existing file, not writable, a remote store that refuses a write),
-    or None."""
-    import fsspec
-
-    protocol, path = fsspec.core.split_protocol(output)
-    if protocol not in (None, "file", "local"):
-        return remote_output_problem(output)
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"--out {output!r} is an existing file, not a folder"
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"--out {output!r} cannot be created: {parent!r} is a file"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"--out {output!r} is not writable" if parent == path else \
-            f"--out {output!r} cannot be created: {parent!r} is not writable"
-    return None
-
-
 def check_io(config: CleanConfig) -> list[str]:
     """The shards the spec names and a usable output folder, checked before any model loads: each problem is one
     line on stderr and exit code 2. Returns the shard URLs."""
+    from bicro_clean.pipeline.outlock import output_problem
     from bicro_clean.pipeline.shards import InputError, expand_shard_spec
 
     try:

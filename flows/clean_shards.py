@@ -24,6 +24,7 @@ from prefect.context import FlowRunContext
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import task_run
 
+from bicro_clean.flows.ephemeral import api_for_flow
 from bicro_clean.flows.runners import task_runner_for, worker_count
 from bicro_clean.pipeline import select
 from bicro_clean.pipeline.config import CleanConfig
@@ -120,5 +121,7 @@ def clean_shards(config: CleanConfig) -> dict[str, Any]:
 
 
 def run_flow(config: CleanConfig) -> dict[str, Any]:
-    """Run the flow in this process (Prefect's ephemeral API, no server) on the configured task runner."""
-    return clean_shards.with_options(task_runner=task_runner_for(config.runner))(config=config)
+    """Run the flow in this process on the configured task runner, against PREFECT_API_URL's server if one is
+    configured, else Prefect's temporary API server (flows/ephemeral.py)."""
+    with api_for_flow():  # the temporary API server the CLI launched first thing, if it did (flows/ephemeral.py)
+        return clean_shards.with_options(task_runner=task_runner_for(config.runner))(config=config)

@@ -34,6 +34,46 @@ class OutputBusyError(RuntimeError):
     """Another run with a different configuration is writing to the same output folder."""
 
 
+class OutputError(ValueError):
+    """The output location cannot be used as a folder (an existing file, not writable). Its message is one line:
+    the CLI prints it before any work, and a deployment run fails with it as its state message."""
+
+
+def remote_output_problem(output: str) -> str | None:
+    """Why a remote --out (s3://...) cannot be written, found by writing and removing one small probe object: two
+    requests, instead of a botocore traceback after the embed stage."""
+    probe = output.rstrip("/") + f"/.bicro-clean-probe-{os.getpid()}"
+    try:
+        fs, path = fsspec.core.url_to_fs(probe)
+        with fs.open(path, "wb") as fh:
+            fh.write(b"probe")
+        fs.rm(path)
+    except Exception as error:  # any failure here (network, credentials, bucket) makes the output unusable
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return f"--out {output!r} cannot be written: {type(error).__name__}: {first_line}"
+    return None
+
+
+def output_problem(output: str) -> str | None:
+    """Why the output folder cannot be used (an existing file, not writable, a remote store that refuses a
+    write), or None."""
+    protocol, path = fsspec.core.split_protocol(output)
+    if protocol not in (None, "file", "local"):
+        return remote_output_problem(output)
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--out {output!r} is an existing file, not a folder"
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--out {output!r} cannot be created: {parent!r} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {output!r} is not writable" if parent == path else \
+            f"--out {output!r} cannot be created: {parent!r} is not writable"
+    return None
+
+
 def _held_by_someone(path: str) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -63,6 +103,9 @@ def lock_folder(output: str) -> str:
 def output_lock(output: str, config_hash: str) -> Iterator[None]:
     """Hold this configuration's lock on `output` for the block; OutputBusyError when another configuration's
     run holds one."""
+    problem = output_problem(output)
+    if problem:  # checked here too: a deployment run has no CLI check before it (else a NotADirectoryError)
+        raise OutputError(problem)
     folder = lock_folder(output)
     os.makedirs(folder, exist_ok=True)
     mine = os.path.join(folder, f"{config_hash}.lock")

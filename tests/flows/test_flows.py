@@ -1,15 +1,12 @@
-"""The clean-shards flow: same outputs as the plain stages, on threads, on Dask, and through a served deployment."""
+"""The clean-shards flow: same outputs as the plain stages, on threads and on Dask. Against a real server (prefect deploy,
+a process worker, a served deployment, the list commands): test_prefect_cli.py."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -81,77 +78,17 @@ def test_flow_on_dask_local_cluster_matches_local(tiny_shards, tmp_path, referen
     assert _hashes(tmp_path) == reference
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_no_temporary_server_is_launched_when_an_api_url_is_configured(tmp_path):
+    """flows/ephemeral.py launches Prefect's temporary API server only where Prefect itself would start one."""
+    import subprocess
 
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited early: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("prefect server did not become healthy")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_deployment(env: dict, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "clean-shards/local"],
-                               env=env, capture_output=True, text=True)
-        if found.returncode == 0:
-            return
-        time.sleep(2)
-    raise TimeoutError("deployment clean-shards/local never appeared")
-
-
-@pytest.mark.slow
-def test_served_deployment_runs_to_completion(tiny_shards, tmp_path, reference):
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
-    served = None
-    try:
-        _wait_healthy(api, server)
-        served = subprocess.Popen([str(BIN / "bicro-clean"), "serve"], env=env,
-                                  stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT)
-        _wait_deployment(env)
-        out = tmp_path / "out"
-        params = json.dumps({"config": _params(tiny_shards, out)})
-        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "clean-shards/local", "--params", params,
-                              "--watch", "--watch-timeout", "600"], env=env, capture_output=True, text=True,
-                             timeout=900)
-        assert run.returncode == 0, run.stdout + run.stderr + (logs / "serve.log").read_text()[-3000:]
-        assert "Completed" in run.stdout
-        assert _hashes(out) == reference
-    finally:
-        for proc in (served, server):
-            if proc is not None:
-                _stop(proc)
+    script = ("from bicro_clean.flows import ephemeral\n"
+              "ephemeral.start_early()\n"
+              "with ephemeral.api_for_flow():\n"
+              "    print(sorted(ephemeral._SERVER))\n")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
 
 
 def test_bad_config_is_rejected_before_any_work(tmp_path):

@@ -164,7 +164,7 @@ def test_a_remote_out_that_refuses_writes_is_one_line(tree, guarded):
 def test_a_writable_remote_out_passes_the_probe_and_keeps_nothing_of_it():
     import fsspec
 
-    from bicro_clean.cli_support import output_problem
+    from bicro_clean.pipeline.outlock import output_problem
 
     assert output_problem("memory://probe-bucket/out") is None
     assert not fsspec.filesystem("memory").glob("/probe-bucket/out/.bicro-clean-probe-*")

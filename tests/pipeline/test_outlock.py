@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bicro_clean.pipeline.outlock import OutputBusyError, output_lock
+from bicro_clean.pipeline.outlock import OutputBusyError, OutputError, output_lock
 
 
 def test_same_config_shares_other_config_is_refused(tmp_path: Path) -> None:
@@ -66,3 +66,13 @@ def test_a_run_with_another_config_on_a_busy_folder_exits_2_with_one_line(tiny_s
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "different configuration" in lines[0]
+
+
+@pytest.mark.parametrize("where", ["afile", "afile/sub"])
+def test_an_output_that_cannot_be_a_folder_is_one_line_before_anything_is_written(tmp_path: Path, where) -> None:
+    """What a deployment run (no CLI check before it) fails with, instead of a NotADirectoryError."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=r"^--out '.*afile(/sub)?' (is an existing file|cannot be created)"):
+        with output_lock(str(tmp_path / where), "hash"):
+            pass
+    assert (tmp_path / "afile").read_text() == "x"

@@ -37,15 +37,16 @@ def test_atomic_output_on_a_remote_filesystem_publishes_only_whole_files() -> No
 
 
 def test_a_remote_output_is_locked_in_a_local_folder_keyed_by_its_url(tmp_path: Path, monkeypatch) -> None:
+    """memory:// stands for any remote store here (the lock checks the output with a probe write first)."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    folder = lock_folder("s3://bucket/out")
+    folder = lock_folder("memory://lock-bucket/out")
     assert folder.startswith(os.path.join(str(tmp_path), REMOTE_LOCKS))
-    assert lock_folder("s3://bucket/out/") == folder != lock_folder("s3://bucket/other")
-    with output_lock("s3://bucket/out", "aaaa"):
+    assert lock_folder("memory://lock-bucket/out/") == folder != lock_folder("memory://lock-bucket/other")
+    with output_lock("memory://lock-bucket/out", "aaaa"):
         with pytest.raises(OutputBusyError, match="different configuration"):
-            with output_lock("s3://bucket/out/", "bbbb"):
+            with output_lock("memory://lock-bucket/out/", "bbbb"):
                 pass
-        with output_lock("s3://bucket/other", "bbbb"):  # another output: no conflict
+        with output_lock("memory://lock-bucket/other", "bbbb"):  # another output: no conflict
             pass
 
 

@@ -30,13 +30,14 @@ def pairs_300(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def _run(shards: Path, out: Path, *options: str, runner: str = "local") -> list[str]:
-    """The non-empty lines of stdout + stderr; a user's environment (none of our defaults preset)."""
+def _run(shards: Path, out: Path, *options: str, runner: str = "local", extra: tuple[str, ...] = ()) -> list[str]:
+    """The non-empty lines of stdout + stderr; a user's environment (none of our defaults preset). `options` go
+    before the command (--quiet, --verbose), `extra` after it."""
     drop = ("PREFECT_API_URL", "PREFECT_LOGGING_LEVEL", "DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PREFECT_HOME"] = str(out.parent / f"{out.name}-prefect-home")
     command = [str(SCRIPT), *options, "run", "--input", str(shards / "*.tar"), "--out", str(out), "--encoder", "tiny",
-               "--epochs", "2", "--runner", runner]
+               "--epochs", "2", "--runner", runner, *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -47,20 +48,23 @@ def _run(shards: Path, out: Path, *options: str, runner: str = "local") -> list[
 @pytest.mark.parametrize("runner", ["local", "none"])
 def test_default_quiet_and_verbose_output(pairs_300, tmp_path, runner) -> None:
     """~20-40 s per runner on 2 cores (three runs, the later two on cached stages): slow."""
-    lines = _run(pairs_300, tmp_path / "out", runner=runner)
+    # a keep fraction, so the summary has drops to name: the tiny random encoder carries no signal, clean_score cannot
+    # tell its pairs from a random re-pairing, estimates a clean share near 1 and keeps them all at its threshold
+    extra = ("--keep-fraction", "0.8")
+    lines = _run(pairs_300, tmp_path / "out", runner=runner, extra=extra)
     text = "\n".join(lines)
     assert len(lines) <= 15, text
     assert not [word for word in NOISE if word in text], text
     for stage in STAGES:
         assert any(line.startswith(stage) for line in lines), (stage, text)
     assert "embed    6 shards, 300 pairs" in text and "fit      300 pairs, 2 epochs" in text
-    assert "low_clean_score" in text and str(tmp_path / "out" / "report.html") in text
+    assert "below_keep_fraction 60" in text and str(tmp_path / "out" / "report.html") in text
 
-    quiet = _run(pairs_300, tmp_path / "out", "--quiet", runner=runner)  # cached stages: quick
+    quiet = _run(pairs_300, tmp_path / "out", "--quiet", runner=runner, extra=extra)  # cached stages: quick
     assert len(quiet) <= 2, quiet
     assert json.loads(quiet[-1])["in"] == 300
 
-    verbose = _run(pairs_300, tmp_path / "out", "--verbose", runner=runner)
+    verbose = _run(pairs_300, tmp_path / "out", "--verbose", runner=runner, extra=extra)
     assert len(verbose) > len(lines), verbose
     assert "Traceback" not in "\n".join(verbose)
 

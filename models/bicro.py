@@ -16,7 +16,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -245,7 +244,7 @@ class BiCroModel:
         labels = [
             soft_labels(p, c_np, top, self.params.clean_threshold, self.params.noisy_label_threshold) for p in p_nets
         ]
-        return {
+        out = {
             "p_clean": np.mean(p_nets, axis=0).astype(np.float32),
             "consistency": c_np.astype(np.float32),
             "r_i2t": r_i2t.cpu().numpy().astype(np.float32),
@@ -256,16 +255,11 @@ class BiCroModel:
             "anchor_for_text": a_t.numpy().astype(np.int64),
             "loss0": losses_nets[0],
             "loss1": losses_nets[1],
-        } | self._clean_score(c_np, r_i2t, r_t2i, match, losses_nets)
-
-    def _clean_score(self, c_np: np.ndarray, *evidence: Any) -> dict[str, np.ndarray]:
-        """{"clean_score": float64 P(clean)} once the scorer is fitted; {} before (finalise's own scoring)."""
-        if self.clean_scorer is None:
-            return {}
-        r_i2t, r_t2i, match, losses = evidence
-        columns = {"r_i2t": r_i2t.double().cpu().numpy(), "r_t2i": r_t2i.double().cpu().numpy(),
-                   "match_score": match.double().cpu().numpy(), "loss0": losses[0], "loss1": losses[1]}
-        return {"clean_score": self.clean_scorer(evidence_matrix(columns))}
+        }
+        if self.clean_scorer is not None:  # None only in finalise's own scoring, before the calibration exists
+            # the evidence is read from the output columns, exactly as train.calibrate_clean_score reads it
+            out["clean_score"] = self.clean_scorer(evidence_matrix(out))
+        return out
 
     def score(
         self, image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str] | None = None, batch_size: int = 65536

@@ -197,16 +197,19 @@ def duplicate_keys(embedding_paths: Iterable[str]) -> frozenset[str]:
     return frozenset(c["values"].as_py() for c in counts if c["counts"].as_py() > 1)
 
 
-def _score_column(path: str, column: str) -> np.ndarray:
-    """The column as stored: float32 score columns stay 4 bytes a row for the whole run, clean_score keeps its
-    float64 digits (a float32 copy would tie pairs it tells apart). Nulls (error rows) become NaN."""
-    values = read_columns(path, [column])[column]
+def _as_stored(values: pa.ChunkedArray) -> np.ndarray:
+    """A score column in its stored float type: float32 columns stay 4 bytes a row for the whole run, clean_score
+    keeps its float64 digits (a float32 copy would tie pairs it tells apart). Nulls (error rows) become NaN."""
     return values.to_numpy().astype(values.type.to_pandas_dtype())
+
+
+def _score_column(path: str, column: str) -> np.ndarray:
+    return _as_stored(read_columns(path, [column])[column])
 
 
 def _tied(path: str, column: str, value: float) -> list[tuple[str, str]]:
     table = read_columns(path, ["shard", "key", column])
-    hit = table[column].to_numpy().astype(table[column].type.to_pandas_dtype()) == value
+    hit = _as_stored(table[column]) == value
     return list(zip(np.asarray(table["shard"].to_pylist())[hit], np.asarray(table["key"].to_pylist())[hit]))
 
 

@@ -129,13 +129,19 @@ def image_folder(root: Path, images: int, size: tuple[int, int], captions: Calla
     return root / "images", root / "captions.csv"
 
 
+def numbered_shards(root: Path, images: int, size: tuple[int, int], shard_size: int) -> Path:
+    """`root/shards`: make_shards of `images` plain images x 2 captions ("a picture number i", "colour i"), 25%
+    caption noise (its truth in each KEY.json)."""
+    from bicro_clean.pipeline.make_shards import make_shards
+
+    folder, captions = image_folder(root, images, size, lambda i: [f"a picture number {i}", f"colour {i}"])
+    make_shards(folder, captions, root / "shards", shard_size=shard_size, noise_rate=0.25)
+    return root / "shards"
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """3 make_shards shards (8 images x 2 captions, 25% caption noise) + one shard with broken samples."""
-    from bicro_clean.pipeline.make_shards import make_shards
-
-    root = tmp_path_factory.mktemp("tiny-data")
-    images, captions = image_folder(root, 8, (16, 16), lambda i: [f"a picture number {i}", f"colour {i}"])
-    make_shards(images, captions, root / "shards", shard_size=6, noise_rate=0.25)
-    _extra_shard(root / "shards" / "extra.tar")
-    return root / "shards"
+    shards = numbered_shards(tmp_path_factory.mktemp("tiny-data"), 8, (16, 16), shard_size=6)
+    _extra_shard(shards / "extra.tar")
+    return shards

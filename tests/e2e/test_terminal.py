@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import image_folder
+from conftest import numbered_shards
 
 SCRIPT = Path(sys.executable).with_name("bicro-clean")
 NOISE = ("httpx", "faiss.loader", "telemetry", "Traceback", "INFO root", "bicro epoch")
@@ -22,12 +22,7 @@ STAGES = ("embed", "fit", "score", "select", "write", "finalize", "report")
 @pytest.fixture(scope="module")
 def pairs_300(tmp_path_factory) -> Path:
     """150 images x 2 captions in 6 shards of 50 samples."""
-    from bicro_clean.pipeline.make_shards import make_shards
-
-    root = tmp_path_factory.mktemp("terminal-data")
-    images, captions = image_folder(root, 150, (16, 16), lambda i: [f"a picture number {i}", f"colour {i}"])
-    make_shards(images, captions, root / "shards", shard_size=50, noise_rate=0.25)
-    return root / "shards"
+    return numbered_shards(tmp_path_factory.mktemp("terminal-data"), 150, (16, 16), shard_size=50)
 
 
 def _run(shards: Path, out: Path, *options: str, runner: str = "local", extra: tuple[str, ...] = ()) -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from bicro_clean.pipeline.outlock import LOCK_DIR
-from conftest import TINY_BICRO, image_folder
+from conftest import TINY_BICRO, numbered_shards
 
 BIN = Path(sys.executable).parent
 SHARDS = 8
@@ -34,12 +34,7 @@ BICRO = {**TINY_BICRO, "epochs": 4}
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """8 shards of 30 pairs (120 images x 2 captions, 25% caption noise)."""
-    from bicro_clean.pipeline.make_shards import make_shards
-
-    root = tmp_path_factory.mktemp("signal-data")
-    images, captions = image_folder(root, 120, (32, 32), lambda i: [f"a picture number {i}", f"colour {i}"])
-    make_shards(images, captions, root / "shards", shard_size=30, noise_rate=0.25)
-    return root / "shards"
+    return numbered_shards(tmp_path_factory.mktemp("signal-data"), 120, (32, 32), shard_size=30)
 
 
 def _config(shards: Path, out: Path, runner: str) -> Path:

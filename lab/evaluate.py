@@ -19,7 +19,7 @@ This module owns the benchmark (loading with injected noise, detection and retri
 methods live in models/.
 
 Detection is over the training pairs, clean = positive class: AUROC of every score a method has, overall and per
-noise kind (clean pairs vs the pairs of that kind). keep = soft_label >= 0.5 (the select stage's default rule);
+noise kind (clean pairs vs the pairs of that kind). keep = soft_label >= 0.5 (the select rule before clean_score);
 est_noise_rate = 1 - mean(keep). Retrieval: 1,000 test images x 5 captions, similarity = mean of the two
 networks' cosines; i2t counts an image query correct when any of its 5 captions is in the top K.
 """

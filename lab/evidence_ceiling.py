@@ -28,7 +28,7 @@ import logging
 import numpy as np
 import torch
 
-from bicro_clean.lab.evaluate import load_benchmark
+from bicro_clean.lab.evaluate import detection_by_kind, load_benchmark, pair_cosine
 from bicro_clean.lab.metrics import auroc
 from bicro_clean.models.baselines import fit_plain
 from bicro_clean.models.bicro import BiCroModel
@@ -47,9 +47,8 @@ ROWS = 2048  # pairs per block of the anchor comparisons
 def summary(name: str, score: np.ndarray, clean: np.ndarray, kind: np.ndarray) -> dict:
     """AUROC overall and of the clean pairs against each noise kind, and the clean share of the top 60%."""
     out: dict = {"score": name, "auroc": round(auroc(score, clean), 4)}
-    for k in sorted(set(kind.tolist()) - {"clean"}):
-        rows = (kind == "clean") | (kind == k)
-        out[f"auroc_{k}"] = round(auroc(score[rows], clean[rows]), 4)
+    for k, figures in detection_by_kind(kind, {"score": score}).items():
+        out[f"auroc_{k}"] = round(figures["auroc_score"], 4)
     top = np.argsort(-score, kind="stable")[: int(TOP_FRACTION * len(score))]
     out[f"clean_in_top_{TOP_FRACTION:g}"] = round(float(clean[top].mean()), 4)
     return out
@@ -88,9 +87,8 @@ def clean_trained_cosines(image: np.ndarray, text: np.ndarray, clean: np.ndarray
     """(cosine of matchers trained on every clean pair, out-of-fold cosine of matchers trained on half of them)."""
     def cosine(rows: np.ndarray) -> np.ndarray:
         nets = fit_plain(image, text, params, rows=rows)
-        with torch.no_grad(), torch_threads(params.threads):
-            return np.mean([(n.embed_images(torch.from_numpy(image)) * n.embed_texts(torch.from_numpy(text)))
-                            .sum(1).numpy() for n in nets], axis=0)
+        with torch_threads(params.threads):
+            return pair_cosine(nets, image, text, "cpu")
 
     good = np.flatnonzero(clean)
     memorised = cosine(good)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Union
 
+import psutil
 import pytest
 from PIL import Image
 
@@ -145,3 +147,15 @@ def tiny_shards(tmp_path_factory) -> Path:
     shards = numbered_shards(tmp_path_factory.mktemp("tiny-data"), 8, (16, 16), shard_size=6)
     _extra_shard(shards / "extra.tar")
     return shards
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    """Live processes of session `sid` (a run or server started in its own session), zombies aside."""
+    alive = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except (psutil.Error, OSError):  # gone or not ours to inspect
+            continue
+    return alive

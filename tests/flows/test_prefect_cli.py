@@ -18,10 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import TINY_BICRO, TINY_EMBED
+from conftest import TINY_BICRO, TINY_EMBED, session_processes
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.outlock import output_problem
 from bicro_clean.pipeline.run import run_pipeline
@@ -47,17 +46,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _session(sid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
 
 
 class Processes:
@@ -89,10 +77,10 @@ class Processes:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         deadline = time.monotonic() + 10
-        while _session(proc.pid) and time.monotonic() < deadline:
+        while session_processes(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = [" ".join(p.cmdline()) for p in _session(proc.pid)]
-        for p in _session(proc.pid):
+        left = [" ".join(p.cmdline()) for p in session_processes(proc.pid)]
+        for p in session_processes(proc.pid):
             p.kill()
         return left
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from bicro_clean.pipeline.outlock import LOCK_DIR
-from conftest import TINY_BICRO, numbered_shards
+from conftest import TINY_BICRO, numbered_shards, session_processes
 
 BIN = Path(sys.executable).parent
 SHARDS = 8
@@ -68,7 +68,7 @@ def _run(config: Path, env: dict[str, str], log: Path) -> subprocess.CompletedPr
     with open(log, "w") as err:
         proc = subprocess.Popen(args, env=env, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
         code = proc.wait(timeout=900)
-    left = _session(proc.pid)
+    left = session_processes(proc.pid)
     assert left == [], f"left behind: {[p.cmdline() for p in left]}"
     return subprocess.CompletedProcess(args, code)
 
@@ -98,18 +98,6 @@ def _wait_until(proc: subprocess.Popen, log: Path, reached, what: str, timeout: 
         time.sleep(0.005)
 
 
-def _session(sid: int) -> list[psutil.Process]:
-    """Live processes of the run's session (it was started in its own), zombies aside."""
-    alive = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            continue
-    return alive
-
-
 def _embed_done(log: Path) -> bool:
     """The embed stage's line ("embed    8 shards, ..." or "embed    all shards cached") is printed: fit runs."""
     return re.search(r"^embed {2,}", log.read_text(), re.MULTILINE) is not None
@@ -133,9 +121,9 @@ def _stop_at(stage: str, signum: int, runner: str, config: Path, env: dict[str, 
             os.kill(proc.pid, signum)  # kill, systemd, docker stop: the main process only
         code = proc.wait(timeout=60)
         took = time.monotonic() - sent
-        survivors = _session(proc.pid)
+        survivors = session_processes(proc.pid)
     finally:
-        if proc.poll() is None or _session(proc.pid):
+        if proc.poll() is None or session_processes(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)  # never leave a stray run behind a failed test
             proc.wait()
     text = log.read_text()

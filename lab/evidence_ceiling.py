@@ -36,7 +36,7 @@ from bicro_clean.models.clean_score import EVIDENCE, CleanScorer, evidence_matri
 from bicro_clean.models.cotrain import torch_threads
 from bicro_clean.models.params import BiCroParams
 from bicro_clean.models.train import fit_bicro, reference_pairing
-from bicro_clean.pipeline.noise_kinds import MIX_DEFAULTS
+from bicro_clean.pipeline.noise_kinds import resolve_rates
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def clean_trained_cosines(image: np.ndarray, text: np.ndarray, clean: np.ndarray
 
 
 def probe(data: str, noise_kind: str, noise_rate: float, seed: int, cache_dir: str) -> list[dict]:
-    rates = dict(MIX_DEFAULTS) if noise_kind == "mix" else {noise_kind: noise_rate}
+    rates = resolve_rates(noise_kind, None if noise_kind == "mix" else noise_rate)
     bench = load_benchmark(data, rates, seed, cache_dir)
     image = np.ascontiguousarray(bench.train_image, dtype=np.float32)
     text = np.ascontiguousarray(bench.train_text, dtype=np.float32)

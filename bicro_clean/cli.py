@@ -30,6 +30,7 @@ from bicro_clean.cli_support import (  # noqa: E402
     ENCODER_OPT,
     INPUT_OPT,
     OUT_OPT,
+    OVERWRITE_OPT,
     WORKERS_OPT,
     build_config,
     check_io,
@@ -42,14 +43,13 @@ from bicro_clean.cli_support import (  # noqa: E402
     opt,
     version_callback,
 )
+from bicro_clean.cli_select import select_cmd  # noqa: E402
 from bicro_clean.pipeline.config import CleanConfig, load_yaml  # noqa: E402
 from bicro_clean.stop_signals import stop_on_signals  # noqa: E402
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Clean image-text datasets with BiCro.")
 
-ConfigOpt = CONFIG_OPT
-_format_validation_error = format_validation_error  # the demo command's name for it
 __all__ = ["app", "build_config", "main", "run_with_runner"]
 
 
@@ -138,7 +138,8 @@ def _run_overrides(**flags: Any) -> dict[str, Any]:
              "keep_fraction": "select.keep_fraction", "keep_embeddings": "out.keep_embeddings",
              "maxcount": "out.maxcount", "maxsize": "out.maxsize", "fit_sample": "bicro.fit_sample",
              "epochs": "bicro.epochs", "allow_pipe": "reader.allow_pipe", "runner": "runner.kind",
-             "dask_address": "runner.dask_address", "runner_workers": "runner.workers"}
+             "dask_address": "runner.dask_address", "runner_workers": "runner.workers",
+             "overwrite": "out.overwrite", "checkpoint": "checkpoint"}
     return {names[k]: (v or None) if k == "input" else v for k, v in flags.items()}
 
 
@@ -166,6 +167,9 @@ def run_cmd(
                                       help="tcp://scheduler:8786 (none: a LocalCluster)."),
     runner_workers: Optional[int] = opt("runner.workers", "--runner-workers",
                                         help="Concurrent tasks / LocalCluster workers."),
+    overwrite: Optional[bool] = OVERWRITE_OPT,
+    checkpoint: Optional[str] = opt("checkpoint", "--checkpoint", help="Score with this fitted model (an earlier "
+                                    "run's checkpoint/bicro-<key>/ folder) instead of fitting one."),
     config_file: Optional[Path] = CONFIG_OPT,
 ) -> None:
     """The whole pipeline: embed -> fit BiCro -> score -> decide -> Parquet, cleaned shards, report.
@@ -173,7 +177,7 @@ def run_cmd(
     Runs the `clean-shards` Prefect flow in this process (ephemeral API, no server needed)."""
     flags = {k: v for k, v in locals().items() if k != "config_file"}
     cfg = build_config(config_file, _run_overrides(**flags))
-    check_io(cfg)  # before any model loads or Prefect starts
+    check_io(cfg, owner=True)  # before any model loads or Prefect starts
     from bicro_clean.pipeline.outlock import OutputBusyError, OutputError
     from bicro_clean.pipeline.shards import InputError
 
@@ -189,14 +193,14 @@ def run_cmd(
 
 def config_cmd(**flags: Any) -> None:
     """Print the effective config as YAML: every field with the value `run` with these flags would use."""
-    config_file = flags.pop("config_file")
-    typer.echo(effective_yaml(config_file, _run_overrides(**flags)), nl=False)
+    typer.echo(effective_yaml(flags.pop("config_file"), _run_overrides(**flags)), nl=False)  # pop goes first
 
 
 # `config` takes exactly run's flags
 config_cmd.__signature__ = inspect.signature(run_cmd)  # type: ignore[attr-defined]
 config_cmd.__annotations__ = {**run_cmd.__annotations__}
 app.command("config")(config_cmd)
+app.command("select")(select_cmd)  # the run-wide select across partitions run apart (cli_select.py)
 
 
 def run_with_runner(cfg: CleanConfig) -> dict[str, Any]:
@@ -235,7 +239,7 @@ def evaluate_cmd(
     out: Path = typer.Option(Path("results.json")),
     cache_dir: Path = typer.Option(Path(".cache/bicro-clean"), help="Where benchmark embeddings are cached."),
     device: str = typer.Option("cpu"),
-    config_file: Optional[Path] = ConfigOpt,
+    config_file: Optional[Path] = CONFIG_OPT,
 ) -> None:
     """Noise detection (overall, per noise kind) and retrieval of BiCro, NCR, vanilla, cosine, oracle on Flickr8k."""
     from bicro_clean.lab.evaluate import evaluate
@@ -277,8 +281,12 @@ def bench_cmd(
     pairs: Optional[int] = typer.Option(None, min=8, help="Pairs: --embed-only (default 512), --e2e (2000)."),
     size: str = typer.Option("500x375", help="--e2e: JPEG size WIDTHxHEIGHT."),
     encoder: Optional[str] = typer.Option(None, hidden=True, help="--e2e: another encoder than towers (tests)."),
-    workdir: Optional[Path] = typer.Option(None, hidden=True, help="--e2e: keep shards and outputs here (tests)."),
+    workdir: Optional[Path] = typer.Option(None, hidden=True, help="--e2e, --scale: keep the files here (tests)."),
     point: Optional[Path] = typer.Option(None, hidden=True, help="--e2e internal: measure one point (JSON spec)."),
+    scale: bool = typer.Option(False, "--scale", help="Run-wide stages on synthetic files (--rows, --shards)."),
+    rows: int = typer.Option(1_000_000, min=1, help="--scale: synthetic rows."),
+    shards: int = typer.Option(100, min=1, help="--scale: shards the rows are spread over."),
+    dim: int = typer.Option(8, min=1, help="--scale: embedding dimension (small keeps the files small)."),
 ) -> None:
     """Throughput, scaling and memory of every stage (decode, embed, fit, score+write) and the overhead ratio."""
     if point is not None:
@@ -287,28 +295,14 @@ def bench_cmd(
     if e2e:
         _bench_e2e(out, pairs, size, encoder, workdir, bool(append))
         return
-    if embed_only:
-        from bicro_clean.lab.bench import markdown_table, run_embed_benchmark
+    from bicro_clean.lab import bench_cli
 
-        result = run_embed_benchmark(pairs or 512, data)
-        out.write_text(json.dumps(result, indent=2))
-        typer.echo(json.dumps(result, indent=2))
-        typer.echo(markdown_table(result))
-        return
-    from bicro_clean.lab.bench_plan import make_plan
-    from bicro_clean.lab.bench_suite import run_suite
-    from bicro_clean.lab.bench_summary import append_to_doc, markdown
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = run_suite(make_plan(quick, tiny), data if data.exists() else None, partial=out)  # survives a kill
-    out.write_text(json.dumps(result, indent=2))
-    typer.echo(json.dumps({k: result[k] for k in ("overhead_ratio", "overhead_ratio_setting", "embed_pairs_per_s",
-                                                 "score_pairs_per_s", "fit_seconds_per_epoch", "peak_rss_mb")},
-                          indent=2))
-    table = markdown(result)
-    typer.echo(table)
-    if append is None or append:
-        append_to_doc(result, "bicro-clean bench " + " ".join(sys.argv[2:]))
+    if scale:
+        typer.echo(bench_cli.scale(rows, shards, dim, workdir, out))
+    elif embed_only:
+        typer.echo(bench_cli.embed_only(pairs or 512, data, out))
+    else:
+        typer.echo(bench_cli.suite(quick, tiny, data, out, append, "bicro-clean bench " + " ".join(sys.argv[2:])))
 
 
 def _bench_e2e_point(point: Path) -> None:
@@ -392,7 +386,7 @@ def demo_cmd(
             summary = run_demo(out, run_with_runner, data=data, images=images, noise_rate=noise_rate, seed=seed,
                                overrides={"embed.encoder": encoder, "runner.kind": runner, "bicro.epochs": epochs})
     except ValidationError as error:
-        typer.echo(_format_validation_error(error), err=True)
+        typer.echo(format_validation_error(error), err=True)
         raise typer.Exit(2)
     except (DemoError, ValueError, FileNotFoundError) as error:  # bad --data: a missing image, an unreadable row
         typer.echo(f"demo error: {error}", err=True)

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
-from bicro_clean.pipeline.config import CleanConfig, load_yaml, merge_overrides
+from bicro_clean.pipeline.config import CleanConfig, dump_yaml, load_yaml, merge_overrides
 
 REQUIRED = ("input", "output")
 
@@ -37,10 +37,12 @@ def fail(kind: str, message: str) -> typer.Exit:
 
 
 def format_validation_error(error: ValidationError) -> str:
+    """One line naming the first bad field (`config error: bicro.fit_sample: 1 is too small: ...`)."""
     first = error.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "config"
+    field = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's wrapper of our validators' ValueErrors
     more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"config error: {field}: {first['msg']}{more}"
+    return " ".join(f"config error: {field + ': ' if field else ''}{message}{more}".split())
 
 
 def _yaml_problem(path: Optional[Path], error: yaml.YAMLError) -> str:
@@ -75,19 +77,25 @@ def build_config(config_file: Optional[Path], overrides: dict[str, Any]) -> Clea
     return validate(merged_config(config_file, overrides))
 
 
-def check_io(config: CleanConfig) -> list[str]:
-    """The shards the spec names and a usable output folder, checked before any model loads: each problem is one
-    line on stderr and exit code 2. Returns the shard URLs."""
+def check_io(config: CleanConfig, owner: bool = False) -> list[str]:
+    """The shards the spec names (none inside --out: a run never reads its own outputs) and a usable output folder,
+    checked before any model loads: each problem is one line on stderr and exit code 2. `owner`: also refuse an
+    output folder another configuration wrote (unless out.overwrite). Returns the shard URLs."""
+    from bicro_clean.pipeline.checkpoint_use import up_front_problem
     from bicro_clean.pipeline.outlock import output_problem
+    from bicro_clean.pipeline.owner import outside_output, owner_problem
     from bicro_clean.pipeline.shards import InputError, expand_shard_spec
 
     try:
-        shards = list(expand_shard_spec(config.input, allow_pipe=config.reader.allow_pipe))
+        shards = outside_output(config, list(expand_shard_spec(config.input, allow_pipe=config.reader.allow_pipe)),
+                                note=False)  # the run notes the skipped ones
     except InputError as error:
         raise fail("input", error)
-    problem = output_problem(config.output)
+    problem = output_problem(config.output) or (owner_problem(config) if owner else None)
     if problem:
         raise fail("output", problem)
+    if found := up_front_problem(config):  # --device cuda without CUDA here, an unusable --checkpoint
+        raise fail(*found)
     return shards
 
 
@@ -126,9 +134,12 @@ CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML file with any Clean
 INPUT_OPT = typer.Option(None, "--input", "-i", help=INPUT_HELP, show_default=False)
 OUT_OPT = typer.Option(None, "--out", "-o", help="Output folder (local or fsspec URL); created if missing. Required "
                        "here or in --config.", show_default=False)
-ENCODER_OPT = opt("embed.encoder", "--encoder", help="towers | open_clip:MODEL:TAG_OR_PATH | tiny.")
+ENCODER_OPT = opt("embed.encoder", "--encoder",
+                  help="towers | towers:IMAGE:TEXT | open_clip:MODEL:TAG_OR_PATH | tiny (docs/config.md).")
 WORKERS_OPT = opt("embed.num_workers", "--workers", help="Decode worker processes.")
-DEVICE_OPT = opt("embed.device", "--device", help="auto | cpu | cuda.")
+DEVICE_OPT = opt("embed.device", "--device", help="auto | cpu | cuda | cuda:N | mps.")
+OVERWRITE_OPT = typer.Option(None, "--overwrite", show_default=False, help="Take over an --out written with another "
+                             "configuration (refused without it); caches still valid are reused.")
 
 
 def version_callback(value: bool) -> None:
@@ -163,7 +174,7 @@ def effective_yaml(config_file: Optional[Path], overrides: dict[str, Any]) -> st
     if missing:
         values.update({name: None for name in missing})
         header += f"# {' and '.join(missing)}: required, set here or give --input / --out\n"
-    return header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+    return header + dump_yaml(values)
 
 
 # ------------------------------------------------------------------------------------------------ the terminal
@@ -178,6 +189,16 @@ STAGE_NAMES = {"run_wide": "select"}
 def _not_open_clip_chatter(record: logging.LogRecord) -> bool:
     """open_clip logs to the root logger (model config, 'no pretrained weights' for the tiny test encoder)."""
     return not (record.name == "root" and record.levelno < logging.ERROR and "open_clip" in record.pathname)
+
+
+RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")  # where Prefect logs a failed task or flow, with traceback
+
+
+def _not_changed_input(record: logging.LogRecord) -> bool:
+    """An input shard that changed since it was embedded stops the run with the CLI's one line, not with Prefect's
+    tracebacks of the task and the flow it failed (pipeline/content_id.py)."""
+    error = record.exc_info[1] if record.exc_info else None
+    return type(error).__name__ != "InputChangedError" and "InputChangedError" not in str(record.msg)
 
 
 def configure_logging(mode: str) -> Callable[[], None]:
@@ -195,6 +216,8 @@ def configure_logging(mode: str) -> Callable[[], None]:
         root = logging.getLogger()
         for handler in root.handlers[:]:
             handler.removeFilter(_not_open_clip_chatter)
+        for name in RUN_LOGGERS:
+            logging.getLogger(name).removeFilter(_not_changed_input)
             if handler not in saved_handlers:
                 root.removeHandler(handler)
         warnings.filters[:] = saved_filters
@@ -216,6 +239,8 @@ def configure_logging(mode: str) -> Callable[[], None]:
     for handler in root.handlers:
         if mode != "verbose" and _not_open_clip_chatter not in handler.filters:
             handler.addFilter(_not_open_clip_chatter)
+    for name in RUN_LOGGERS if mode != "verbose" else ():
+        logging.getLogger(name).addFilter(_not_changed_input)
     floor = {"verbose": logging.INFO, "default": logging.WARNING, "quiet": logging.ERROR}[mode]
     root.setLevel(floor)
     logging.getLogger("bicro_clean").setLevel(logging.DEBUG if mode == "verbose" else floor)
@@ -278,7 +303,11 @@ class Terminal:
             self._tasks[stage] = self._progress.add_task(stage, total=counts[1] or None, unit=unit)
         self._progress.update(self._tasks[stage], completed=counts[0], total=counts[1] or None, unit=unit)
 
-    def stage_done(self, stage: str, seconds: float) -> None:
+    def stage_done(self, stage: str, seconds: float, tally: Any = None) -> None:
+        """`tally` (pipeline.progress.Tally): the stage's counts from its task results, which hold under every
+        runner; the bars' own counters only see work done in this process."""
+        from bicro_clean.pipeline.progress import describe
+
         with self._lock:
             done, total, items = self._counts.pop(stage, [0, 0, 0])
             if stage in self._tasks:
@@ -289,7 +318,7 @@ class Terminal:
                     self._progress.stop()
                     self._progress = None
             if self.mode != "quiet":
-                detail = _stage_detail(stage, done, total, items)
+                detail = describe(stage, tally) if tally is not None else _stage_detail(stage, done, total, items)
                 self.console.print(f"{STAGE_NAMES.get(stage, stage):<9}{detail:<28} {_duration(seconds):>7}")
 
     def close(self) -> None:
@@ -352,5 +381,10 @@ def print_run_summary(summary: dict[str, Any]) -> None:
     for name in ("report", "manifest"):
         if summary.get(name):
             console.print(f"{name:<9}{summary[name]}")
+    for lost in summary.get("lost_workers", []):  # the work ran again elsewhere; outputs are unaffected
+        shards = ", ".join(lost["shards"])
+        console.print(f"lost     worker {lost['name']} in {lost['stage']}: shards {shards} ran again")
+    for stage, retried in summary.get("retries", {}).items():
+        console.print(f"retried  {stage}: {retried['tasks']} task(s), shards {', '.join(retried['shards'])}")
     if TERMINAL["mode"] == "verbose":
         typer.echo(json.dumps(summary, indent=2, default=str))

@@ -1,13 +1,15 @@
 """The `clean-shards` Prefect flow: `pipeline.run.run_stages` with every stage as a Prefect task.
 
 Only orchestration lives here. The sequence of stages and its checks are `run_stages`' own; this module supplies
-an executor that runs each stage function as a task (mapped over shards where the stage is per shard), so the
-task runner (threads, Dask, Ray) decides where the work happens. The embed stage is mapped over one batch of
-shards per worker, so each worker streams its shards through one loader (one encoder, one set of decode
-workers). Every stage skips work whose outputs already record its cache key, so a killed run resumes by simply
-running again, and a task can run on any machine that sees the output location. Task arguments and results are
-paths, configs and small dicts: no model is pickled into a task, each worker process builds its own encoder and
-BiCro model once (models.encoders.shared_encoder, pipeline.score.shared_model).
+an executor that runs each stage function as a task, so the task runner (threads, Dask, Ray) decides where the
+work happens. The per-shard stages (embed, score, write) are mapped over groups of shards, several per worker
+(pipeline/shard_groups.py): task runs grow with the workers, not the crawl, and a slow, lost or added worker
+rebalances. Every stage skips work whose outputs already record its cache key, so a lost group redoes only its
+unfinished shards, a killed run resumes by simply running again, and a task can run on any machine that sees the
+output location. Task arguments and results are paths, configs and small records: no model is pickled into a
+task, each worker process builds its own encoder and BiCro model once (models.encoders.shared_encoder,
+pipeline.score.shared_model). Each group's result says whether it was retried; on Dask the scheduler's
+remove-worker events name the workers lost while running a group (`PrefectTasks.map`).
 """
 
 # No `from __future__ import annotations`: Prefect resolves the flow signature (CleanConfig) at run time.
@@ -21,102 +23,138 @@ use_one_malloc_arena()  # stages run in task-runner threads: see pipeline/alloca
 
 from prefect import flow, task, unmapped
 from prefect.context import FlowRunContext
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import task_run
 
+from bicro_clean.flows import cluster_events
 from bicro_clean.flows.ephemeral import api_for_flow
 from bicro_clean.flows.runners import task_runner_for, worker_count
 from bicro_clean.pipeline import select
 from bicro_clean.pipeline.config import CleanConfig
-from bicro_clean.pipeline.embed import embed_stage
 from bicro_clean.pipeline.finalize import finalize_stage
 from bicro_clean.pipeline.fit import fit_stage
 from bicro_clean.pipeline.run import report_stage, run_stages
-from bicro_clean.pipeline.score import score_stage
+from bicro_clean.pipeline.shard_groups import GroupResult, embed_group, plan_groups, score_group, write_group
 from bicro_clean.pipeline.shards import shard_id
-from bicro_clean.pipeline.write import write_stage
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 IO_RETRIES = dict(retries=2, retry_delay_seconds=5)  # transient IO (object stores, NFS hiccups)
 
 
-def _per_shard_name() -> str:
-    """`<task>-<shard_id>` in the UI (the shard is the first parameter); an embed batch is named by its first shard
-    and how many follow: `embed-00004+3`."""
-    first = task_run.parameters.get("shard") or task_run.parameters.get("shards") or ["?"]
-    if isinstance(first, str):
-        return f"{task_run.task_name}-{shard_id(first)}"
-    more = f"+{len(first) - 1}" if len(first) > 1 else ""
-    return f"{task_run.task_name}-{shard_id(first[0])}{more}"
+def _group_name() -> str:
+    """`<task>-<first shard id>+<more>` in the UI: `score-00004+37` is shard 00004 and the 37 after it."""
+    shards = task_run.parameters.get("shards") or ["?"]
+    more = f"+{len(shards) - 1}" if len(shards) > 1 else ""
+    return f"{task_run.task_name}-{shard_id(shards[0])}{more}"
+
+
+def _counted(result: GroupResult) -> GroupResult:
+    """The group's result with Prefect's run count for its task (2 or more after a retry)."""
+    result.attempt = int(task_run.run_count or 1)
+    return result
+
+
+# The per-shard stages' task functions: the group functions, each returning its attempt number too.
+def embed(shards: list[str], config: CleanConfig) -> GroupResult:
+    return _counted(embed_group(shards, config))
+
+
+def score(shards: list[str], config: CleanConfig, checkpoint_path: str) -> GroupResult:
+    return _counted(score_group(shards, config, checkpoint_path))
+
+
+def write(shards: list[str], config: CleanConfig, run_wide: select.RunWide) -> GroupResult:
+    return _counted(write_group(shards, config, run_wide))
 
 
 # Each stage function once as a task, under the name the UI and logs show.
 TASKS = {
-    embed_stage: task(embed_stage, name="embed", task_run_name=_per_shard_name, **IO_RETRIES),
+    embed_group: task(embed, name="embed", task_run_name=_group_name, **IO_RETRIES),
     fit_stage: task(fit_stage, name="fit"),
-    score_stage: task(score_stage, name="score", task_run_name=_per_shard_name, **IO_RETRIES),
+    score_group: task(score, name="score", task_run_name=_group_name, **IO_RETRIES),
     select.run_wide_values: task(select.run_wide_values, name="run-wide-values"),
-    write_stage: task(write_stage, name="write", task_run_name=_per_shard_name, **IO_RETRIES),
+    write_group: task(write, name="write", task_run_name=_group_name, **IO_RETRIES),
     finalize_stage: task(finalize_stage, name="finalize"),
     report_stage: task(report_stage, name="report"),
 }
 
 
-def split_even(shards: list[str], parts: int) -> list[list[str]]:
-    """`shards` in at most `parts` contiguous batches whose sizes differ by at most one, order kept (the fit sample
-    reads the embedding files in shard order)."""
-    parts = max(1, min(parts, len(shards)))
-    size, extra = divmod(len(shards), parts)
-    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
-    return [shards[bounds[i]:bounds[i + 1]] for i in range(parts)]
-
-
 class PrefectTasks:
-    """Executor for `run_stages`: embed as one task per worker streaming a batch of shards, score and write mapped
-    as one task per shard, the others as single tasks."""
+    """Executor for `run_stages`: the per-shard stages mapped as one task per group of shards (several groups per
+    worker), the others as single tasks in the flow's process. On Dask, `map` also asks the scheduler which
+    workers were lost while running a group and records them in that group's result."""
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, task_runner: Any = None) -> None:
         self.workers = workers
+        self.client = cluster_events.dask_client(task_runner)
+        self.known: dict[str, dict[str, Any]] = {}  # every worker seen, by address (a lost one is gone from the list)
 
     def shard_batches(self, shards: list[str]) -> list[list[str]]:
-        return split_even(shards, self.workers)
+        return plan_groups(shards, self.workers)
 
     def map(self, stage: Callable[..., T], items: list[Any], *shared: Any) -> list[T]:
-        return TASKS[stage].map(items, *[unmapped(value) for value in shared]).result()
+        if self.client is not None:
+            self.known.update(cluster_events.worker_names(self.client))
+        futures = TASKS[stage].map(items, *[unmapped(value) for value in shared])
+        results = futures.result()
+        if self.client is not None:
+            self._note_lost_workers(futures, results)
+        return results
 
     def call(self, stage: Callable[..., T], *args: Any) -> T:
         return TASKS[stage](*args)
 
+    def _note_lost_workers(self, futures: Any, results: list[Any]) -> None:
+        keys = {future.wrapped_future.key: i for i, future in enumerate(futures)
+                if getattr(future, "wrapped_future", None) is not None}
+        for position, workers in cluster_events.lost_workers(self.client, keys, self.known).items():
+            if isinstance(results[position], GroupResult):
+                results[position].lost_workers.extend(workers)
+                logger.warning("%s: worker %s was lost while running shards %s; they ran again elsewhere",
+                               results[position].stage, workers[0]["name"],
+                               ", ".join(shard_id(s) for s in results[position].shards))
 
-def _publish_artifacts(summary: dict[str, Any], shard_rows: list[dict[str, Any]]) -> None:
+    def finish(self) -> None:
+        """At the end of the flow: the cluster's workers send what Prefect still holds for this run."""
+        if self.client is not None:
+            cluster_events.flush_prefect_services(self.client)
+
+
+def _publish_artifacts(summary: dict[str, Any]) -> None:
+    """A Markdown summary, and the per-shard record as a file: a link to manifest.json (every input shard with its
+    reading report and outputs, each with its row count and hash), not a table of one row per shard sent
+    through the API (a million-row artifact at crawl scale)."""
     counts = {k: summary[k] for k in ("in", "kept", "dropped", "errors")}
     reasons = "\n".join(f"| {reason} | {n} |" for reason, n in summary["by_reason"].items())
     stages = ", ".join(f"{stage} {seconds}" for stage, seconds in summary["stage_seconds"].items())
+    lost = "".join(f"\n\nLost worker `{w['name']}` in {w['stage']}: shards {', '.join(w['shards'])} ran again."
+                   for w in summary.get("lost_workers", []))
     create_markdown_artifact(
         key="clean-shards-summary",
         markdown=(f"# bicro-clean run\n\nOutput: `{summary['output']}`\n\n"
                   f"| in | kept | dropped | errors |\n|---|---|---|---|\n"
                   f"| {counts['in']} | {counts['kept']} | {counts['dropped']} | {counts['errors']} |\n\n"
                   f"| reason | rows |\n|---|---|\n{reasons}\n\n"
+                  f"Shards: {summary['shards']} ({summary['cached_shards']} written by an earlier run){lost}\n\n"
                   f"Stage seconds: {stages} (total {summary['total_seconds']})\n\nReport: `{summary.get('report')}`\n"),
         description="bicro-clean summary",
     )
-    create_table_artifact(key="clean-shards-per-shard", table=shard_rows, description="per-shard counts")
-
-
-def _shard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"shard": r["shard_id"], **{k: r["counts"][k] for k in ("in", "kept", "dropped", "errors")},
-             "cached": r["cached"]} for r in results]
+    create_link_artifact(key="clean-shards-per-shard", link=str(summary["manifest"]), link_text="manifest.json",
+                         description="per-shard record: inputs, outputs with row counts and hashes")
 
 
 @flow(name="clean-shards", log_prints=True, validate_parameters=True)
 def clean_shards(config: CleanConfig) -> dict[str, Any]:
     """embed (mapped) -> fit -> score (mapped) -> run-wide values -> write (mapped) -> finalize -> report."""
     context = FlowRunContext.get()
-    workers = worker_count(config.runner, context.task_runner if context else None)
-    summary, written = run_stages(config, PrefectTasks(workers))
-    _publish_artifacts(summary, _shard_rows(written))
+    runner = context.task_runner if context else None
+    executor = PrefectTasks(worker_count(config.runner, runner), runner)
+    try:
+        summary, _ = run_stages(config, executor)
+    finally:
+        executor.finish()
+    _publish_artifacts(summary)
     return summary
 
 

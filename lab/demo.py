@@ -82,9 +82,11 @@ def run_demo(out: Path, run: Callable[[CleanConfig], dict[str, Any]], data: Path
     pipeline; default settings plus `overrides`, dotted keys) -> the demo's summary, also written to
     out/demo-summary.json with the run's own summary."""
     started = time.perf_counter()
-    made = _prepare(data, out, images, noise_rate, seed)
-    base = {"input": str(out / "shards" / "*.tar"), "output": str(out / "clean")}
+    # the demo remakes its shards and owns out/clean: a rerun with other settings replaces it (--overwrite)
+    base = {"input": str(out / "shards" / "*.tar"), "output": str(out / "clean"), "out": {"overwrite": True}}
+    # the config first: a bad flag (an unknown encoder) is refused before minutes of drawing scenes
     config = CleanConfig.model_validate(merge_overrides(base, overrides or {}))
+    made = _prepare(data, out, images, noise_rate, seed)
     run_summary = run(config)
     truth = _truth_summary(str(out / "clean" / "annotated" / "*.parquet"))
     summary = {"source": made["source"], "data": made["data"], "pairs": made["samples"],

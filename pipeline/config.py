@@ -1,26 +1,42 @@
 """The one configuration model for every stage, the CLI and the Prefect flow.
 
 Loaded from YAML (``--config run.yaml``) and overridden by CLI flags. Unknown keys are errors, so a typo in a
-YAML file is reported instead of silently ignored. The hash of a section is what per-stage caches key on:
-changing a parameter that affects a stage's output invalidates exactly that stage's cache.
+YAML file is reported instead of silently ignored; so are anchors and aliases (`&name`, `*name`): a few hundred
+bytes of them expand into billions of values. Every value is checked here, when the config is built, so a bad one
+is a one-line error before any work (docs/config.md lists each field, its range and the error it gets). The hash
+of a section is what per-stage caches key on: changing a parameter that affects a stage's output invalidates
+exactly that stage's cache.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bicro_clean.models.encoder_spec import check_encoder_spec, parse_encoder_spec
 from bicro_clean.models.params import BiCroParams
+
+# The smallest fit sample: negatives come from the batch, so BiCro trains on no fewer than two pairs (pipeline.fit
+# refuses fewer). Measured with the tiny encoder: 1 embedded everything, then failed; 2, 3 and 4 fit and score.
+FIT_SAMPLE_MIN = 2
+# torch/faiss thread counts: far above any machine's cores, below what crashes torch (100,000 segfaulted).
+MAX_THREADS = 1024
+# Seeds go to numpy (which refuses negative ones) and, multiplied for the per-network streams, to torch's int64
+# manual_seed (2**63 - 1 overflowed); 2**32 - 1 leaves room for both.
+MAX_SEED = 2**32 - 1
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf/NaN in any section: lr, weight_decay, ... set to .inf embedded everything, then failed with a traceback
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     def digest(self) -> str:
         """Stable short hash of this section's values."""
@@ -45,6 +61,13 @@ class ReaderConfig(_Section):
         "decode_timeout (0 = no bound). Within the pixel bound a hostile file (thousands of progressive scans) can "
         "still take minutes; a photograph takes milliseconds."
     )
+    max_member_bytes: int = Field(
+        16 * 2**20, gt=0, description="Tar members are bounded by the size their header declares, before any of "
+        "their bytes is read: .txt and .json members over 256 x max_caption_bytes, images over 4 bytes per pixel of "
+        "max_image_pixels (+1 MiB), members of any other extension over max_member_bytes are recorded as "
+        "member_too_large and skipped unread. One member's PAX, GNU long-name or sparse header data over "
+        "max_member_bytes makes the shard shard_corrupt."
+    )
     allow_pipe: bool = Field(False, description="Allow pipe: shard URLs, which run shell commands.")
 
 
@@ -55,7 +78,7 @@ def usable_cores() -> int:
 
 class EmbedConfig(_Section):
     encoder: str = Field("towers", description="towers | towers:IMAGE:TEXT | open_clip:MODEL:TAG_OR_PATH | tiny")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     batch_size: int = Field(64, gt=0)
     num_workers: int = Field(
         default_factory=lambda: usable_cores(), ge=0,
@@ -64,7 +87,8 @@ class EmbedConfig(_Section):
     )
     autocast: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     threads: int = Field(
-        0, ge=0, description="torch threads for the model; 0 = every core this process may use. Set explicitly "
+        0, ge=0, le=MAX_THREADS, description="torch threads for the model; 0 = every core this process may use. Set "
+        "explicitly "
         "because Dask workers default to 1 and float results depend on the thread count."
     )
     progress: bool = Field(True, description="Show a progress bar.")
@@ -81,6 +105,22 @@ class EmbedConfig(_Section):
         "hashes (exclude): the embed cache key records the effective path, and only when it is device."
     )
 
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_spec_loads(cls, spec: str) -> str:
+        # syntax, tower and model names, pretrained tags, local files: what loading the encoder would find only
+        # after the input is listed and Prefect started (a typo'd `tower` failed minutes in, with a traceback)
+        check_encoder_spec(spec)
+        return spec
+
+    @field_validator("device")
+    @classmethod
+    def _device_spelled(cls, device: str) -> str:
+        # only the spelling: whether CUDA is there is known where the encoder loads (a Dask worker may have it)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+            raise ValueError(f"{device!r} is not auto, cpu, cuda, cuda:N or mps")
+        return device
+
 
 class BiCroConfig(BiCroParams, _Section):
     """The `bicro:` section: every models.params.BiCroParams field (declared there, once) plus fit_sample."""
@@ -91,6 +131,28 @@ class BiCroConfig(BiCroParams, _Section):
         "clean_score AUROC was 0.9815 fitting on 16,384 and 0.991 on all (docs/bicro.md); training the 16,384 "
         "longer (15 epochs) did not make up for it (0.973)."
     )
+
+    # Bounds of inherited BiCroParams fields that only the pipeline's use hits; each failed after embedding.
+    @field_validator("fit_sample")
+    @classmethod
+    def _fit_sample_fits(cls, value: int) -> int:
+        if 0 < value < FIT_SAMPLE_MIN:
+            raise ValueError(f"{value} is too small: 0 (every pair) or at least {FIT_SAMPLE_MIN}")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, value: int) -> int:
+        if not 0 <= value <= MAX_SEED:
+            raise ValueError(f"{value} is outside [0, {MAX_SEED}]")
+        return value
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_bounded(cls, value: int) -> int:
+        if value > MAX_THREADS:
+            raise ValueError(f"{value} is more than {MAX_THREADS}")
+        return value
 
 
 COSINE_COLUMNS = ("match_score", "encoder_cosine")  # in [-1, 1]; every other score column is in [0, 1]
@@ -120,6 +182,11 @@ class OutputConfig(_Section):
     keep_embeddings: bool = False
     maxcount: int = Field(10_000, gt=0, description="Samples per cleaned output shard.")
     maxsize: int = Field(3_000_000_000, gt=0, description="Bytes per cleaned output shard.")
+    overwrite: bool = Field(
+        False, exclude=True, description="Let this run take over an output folder written with another "
+        "configuration (without it such a run is refused before any work); caches still valid are reused. Left "
+        "out of the config hashes (exclude): it changes who may write, never what is written."
+    )
 
 
 class RunnerConfig(_Section):
@@ -155,26 +222,75 @@ class CleanConfig(_Section):
     select: SelectConfig = SelectConfig()
     out: OutputConfig = OutputConfig()
     runner: RunnerConfig = RunnerConfig()
+    checkpoint: str | None = Field(
+        None, exclude=True, description="A fitted model, the checkpoint/bicro-<key>/ folder of an earlier run (local "
+        "or fsspec URL): the fit is skipped and these shards are scored with it (fit once, score anywhere). Its "
+        "encoder must be this run's. Left out of the config hashes (exclude): the scores and everything after them "
+        "record the checkpoint's content hash, not where it lies."
+    )
+
+    @field_validator("output")
+    @classmethod
+    def _output_named(cls, output: str) -> str:
+        if not output.strip():  # '' is the filesystem root to fsspec: a run wrote its folders into /
+            raise ValueError("empty output folder")
+        return output
+
+    @model_validator(mode="after")
+    def _column_needs_an_aligned_encoder(self) -> "CleanConfig":
+        if self.select.column == "encoder_cosine" and not parse_encoder_spec(self.embed.encoder).aligned:
+            raise ValueError(f"select.column encoder_cosine needs an aligned encoder (open_clip or tiny); "
+                             f"{self.embed.encoder} is not aligned")
+        return self
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: a nest of aliases is a few hundred bytes that expand to billions of values when
+    the document is copied or validated (the config's merge copied it through JSON and hung)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):  # an anchor is only there for aliases
+            mark = event.start_mark
+            raise ValueError(f"YAML aliases/anchors are not supported (line {mark.line + 1}, column {mark.column + 1})")
+        return super().compose_node(parent, index)
 
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.load(Path(path).read_text(), Loader=_NoAliasLoader) or {}  # noqa: S506 (a SafeLoader)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     return data
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # a value seen twice is written twice: load_yaml refuses aliases
+
+
+def dump_yaml(values: dict[str, Any]) -> str:
+    """`values` as YAML that load_yaml reads back: no aliases, keys in their order."""
+    return yaml.dump(values, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True)
+
+
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Apply dotted-key overrides (``{"embed.batch_size": 32}``) onto a nested dict; None means not given."""
-    merged = json.loads(json.dumps(base))
+    merged = copy.deepcopy(base)  # not a JSON round trip: YAML dates and int keys are for validation to name
     for dotted, value in overrides.items():
         if value is None:
             continue
         node = merged
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # `embed: 5` under --batch-size: a config error, not a TypeError
+                raise ValueError(f"{'.'.join(parents[:depth + 1])}: must be a mapping, not {node!r}")
         node[leaf] = value
     return merged

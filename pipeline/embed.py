@@ -8,6 +8,8 @@ per worker at a time, so a shard's rows keep their order; the model stays in the
 anything that path refuses falling back to the CPU decode with the same reason codes. Embeddings are
 stored as float16 by default (`embed.dtype`); readers get float32 (`pipeline.score.fixed_list_matrix`).
 A shard whose Parquet already exists with the same cache key (input fingerprint + encoder + config) is skipped.
+The shard's bytes are hashed as they stream and each sample's members are digested (pipeline/content_id.py): the
+Parquet records both, and its cache key, which later stages build theirs on, includes the shard's digest.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bicro_clean.models.encoders import LOAD_LOCK, Encoder, load_encoder, set_offline_env, shared_encoder
+from bicro_clean.models.encoders import LOAD_LOCK, Encoder, load_encoder, set_offline_env
 from bicro_clean.models.tokens import TextTokens
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
-from bicro_clean.pipeline.decode import read_shard
+from bicro_clean.pipeline.daemon_children import children_allowed
+from bicro_clean.pipeline.content_id import StreamTally, sample_digest
+from bicro_clean.pipeline.decode import decode_sample
 from bicro_clean.pipeline.device_decode import (
     DeviceDecoder,
     JpegBatch,
@@ -37,6 +40,7 @@ from bicro_clean.pipeline.device_decode import (
     resolve_chunk,
 )
 from bicro_clean.pipeline import progress, resume
+from bicro_clean.pipeline.embed_table import embed_table as _embed_table
 from bicro_clean.pipeline.layout import embedding_path
 from bicro_clean.pipeline.parquet_io import (
     cpu_threads,
@@ -46,7 +50,8 @@ from bicro_clean.pipeline.parquet_io import (
     read_stage_metadata,
     write_parquet_atomic,
 )
-from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, DecodedSample, ReadIssue, expand_shard_spec
+from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, DecodedSample, RawSample, ReadIssue, expand_shard_spec
+from bicro_clean.pipeline.tar_reader import iter_shard
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class Chunk:
     last: bool = False
     tokens: Any = None  # the ok rows' captions tokenised in the worker (encoder.text_transform), None: none
     jpegs: JpegBatch | None = None  # device path: JPEG bytes for the main process's batched decoder; pixels: the rest
+    source: dict[str, Any] | None = None  # last chunk: the shard's stream digest (content_id.StreamTally.summary)
 
     def pin_memory(self) -> Chunk:
         """Called by the DataLoader's pin thread when pin_memory is on (CUDA): page-locked pixels, tokens and JPEG
@@ -124,11 +130,11 @@ class ShardStream(IterableDataset):
         self.defer = batchable_jpeg if batch_jpegs else None  # device path: such JPEGs ship as bytes, undecoded
 
     def _chunk(self, shard: str, rows: list[dict[str, Any]], pixels: list[torch.Tensor], last: bool,
-               jpegs: JpegBatch) -> Chunk:
+               jpegs: JpegBatch, source: dict[str, Any] | None = None) -> Chunk:
         captions = [r["caption"] for r in rows if r["status"] == "ok"]
         tokens = self.tokenize(captions) if self.tokenize is not None and captions else None
         return Chunk(shard, rows, torch.stack(pixels) if pixels else None, last, tokens,
-                     jpegs.packed() if jpegs else None)
+                     jpegs.packed() if jpegs else None, source)
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
@@ -141,8 +147,11 @@ class ShardStream(IterableDataset):
         pixels: list[torch.Tensor] = []
         jpegs = JpegBatch()
         seen: set[str] = set()  # image bytes already sent for this shard: the model runs once per distinct image
-        for item in read_shard(shard, self.reader, self.min_side, self.defer):
+        tally = StreamTally()  # the shard's bytes, hashed as they stream in
+        for raw in iter_shard(shard, self.reader, tally):
+            item = decode_sample(raw, self.reader, self.min_side, self.defer) if isinstance(raw, RawSample) else raw
             row = _row(item)
+            row["sample_sha256"] = sample_digest(raw) if isinstance(raw, RawSample) else None  # decode errors too
             if isinstance(item, DecodedSample) and item.image is None:  # left for the batched decoder
                 jpegs.add(len(rows), item, first=row["image_sha256"] not in seen)
                 seen.add(row["image_sha256"])
@@ -157,7 +166,7 @@ class ShardStream(IterableDataset):
             if len(rows) >= self.batch_size:
                 yield self._chunk(shard, rows, pixels, False, jpegs)
                 rows, pixels, jpegs = [], [], JpegBatch()
-        yield self._chunk(shard, rows, pixels, True, jpegs)
+        yield self._chunk(shard, rows, pixels, True, jpegs, tally.summary())
 
 
 def _worker_init(_: int) -> None:
@@ -180,40 +189,6 @@ def embed_key(shard: str, encoder: Encoder, config: CleanConfig) -> str:
         decode["jpeg_decode"] = "device"
     return resume.stage_key(shard_fingerprint(shard), encoder.describe(), config.reader.digest(),
                             config.embed.model_dump(exclude=resume.RUNTIME_ONLY | {"jpeg_decode"}), decode)
-
-
-STORAGE_TYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
-
-
-def _embed_table(rows: list[dict[str, Any]], image_emb: np.ndarray, text_emb: np.ndarray, shard: str,
-                 dims: tuple[int, int], dtype: str = "float16") -> pa.Table:
-    """The shard's rows plus image_emb/text_emb stored as FixedSizeList(`dtype`) (config embed.dtype)."""
-    ok = np.array([r["status"] == "ok" for r in rows], dtype=bool)
-    columns: dict[str, Any] = {"shard": [shard] * len(rows)}
-    for name in ("key", "status", "reason", "detail", "caption", "width", "height", "url", "uid", "image_sha256"):
-        columns[name] = [r[name] for r in rows]
-    table = pa.table(columns, schema=_base_schema())
-    value_type = STORAGE_TYPES[dtype][1]
-    for name, emb, dim in (("image_emb", image_emb, dims[0]), ("text_emb", text_emb, dims[1])):
-        table = table.append_column(pa.field(name, pa.list_(value_type, dim)), _fixed_list(emb, ok, dim, dtype))
-    return table
-
-
-def _base_schema() -> pa.Schema:
-    return pa.schema([("shard", pa.string()), ("key", pa.string()), ("status", pa.string()),
-                      ("reason", pa.string()), ("detail", pa.string()), ("caption", pa.string()),
-                      ("width", pa.int32()), ("height", pa.int32()), ("url", pa.string()), ("uid", pa.string()),
-                      ("image_sha256", pa.string())])
-
-
-def _fixed_list(emb: np.ndarray, ok: np.ndarray, dim: int, dtype: str = "float16") -> pa.FixedSizeListArray:
-    """Fixed-size list column with nulls on error rows (Polars reads it as Array(Float16 or Float32, dim)).
-    float16 rounds each float32 value to nearest (numpy's cast), the same bytes on every machine."""
-    np_type, value_type = STORAGE_TYPES[dtype]
-    full = np.zeros((len(ok), dim), dtype=np_type)
-    full[ok] = emb
-    values = pa.array(full.reshape(-1), type=value_type)
-    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~ok))
 
 
 class _ShardAccumulator:
@@ -249,8 +224,11 @@ def _encode_chunk(encoder: Encoder, chunk: Chunk, acc: _ShardAccumulator, timing
         if decoder is None:
             raise RuntimeError(f"{chunk.shard}: a chunk with JPEG bytes but no device decoder")
         ok_before = sum(r["status"] == "ok" for r in chunk.rows)
+        digests = [r.get("sample_sha256") for r in chunk.rows]  # a refused image's row is rebuilt from its issue
         pixels = resolve_chunk(chunk.rows, chunk.shard, chunk.jpegs, pixels, acc.by_digest, acc.failed, decoder,
                                _row)
+        for row, sample_sha256 in zip(chunk.rows, digests):
+            row["sample_sha256"] = sample_sha256
         if sum(r["status"] == "ok" for r in chunk.rows) != ok_before:
             tokens = None  # the worker tokenised captions of rows now failed: tokenise the rest here (rare)
     ok_rows = [r for r in chunk.rows if r["status"] == "ok"]
@@ -275,13 +253,17 @@ def _encode_chunk(encoder: Encoder, chunk: Chunk, acc: _ShardAccumulator, timing
 
 
 def _write_shard(acc: _ShardAccumulator, shard: str, path: str, key: str, encoder: Encoder,
-                 config: CleanConfig) -> ShardResult:
+                 config: CleanConfig, source: dict[str, Any] | None) -> ShardResult:
+    """`key`: the embed key from the shard's up-front identity (what a rerun compares, `identity_key`); the file's
+    cache key adds the digest of the bytes read, so every stage keyed on it follows a change of content."""
     dims = (encoder.image_dim, encoder.text_dim)
     image = np.concatenate(acc.image) if acc.image else np.zeros((0, dims[0]), np.float32)
     text = np.concatenate(acc.text) if acc.text else np.zeros((0, dims[1]), np.float32)
     table = _embed_table(acc.rows, image, text, shard, dims, config.embed.dtype)
     reasons = _reason_counts(acc.rows)
-    meta = {"stage": "embed", resume.KEY: key, "encoder": encoder.describe(), "shard": shard,
+    source = source or {}
+    meta = {"stage": "embed", resume.KEY: resume.stage_key(key, source.get("sha256")), "identity_key": key,
+            "input": source, "encoder": encoder.describe(), "shard": shard,
             "config_hash": config.embed.digest(), "reader_hash": config.reader.digest(),
             "package_version": package_version(), "samples": len(acc.rows), "errors": sum(reasons.values())}
     write_parquet_atomic(table, path, meta)
@@ -307,7 +289,7 @@ def _was_unreadable(path: str, meta: dict[str, Any]) -> bool:
 def _cached_result(shard: str, path: str, key: str) -> ShardResult | None:
     """The shard's result from its embedding file when that file is current (one metadata read), else None."""
     meta = read_stage_metadata(path) or {}
-    if meta.get(resume.KEY) != key or _was_unreadable(path, meta):
+    if meta.get("identity_key") != key or _was_unreadable(path, meta):
         return None
     samples, errors = int(meta.get("samples", 0)), int(meta.get("errors", 0))
     return ShardResult(shard, path, samples, samples - errors, errors, cached=True)
@@ -371,7 +353,8 @@ def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: Clea
         decoder = device_decoder(encoder, config.reader, decode_side(encoder))
     progress.report("embed", total=len(todo))  # shards; pairs are counted beside (a tar's count costs a read)
     clock = time.perf_counter()
-    with LOAD_LOCK:  # forks the decode workers: never while another thread builds a model
+    # forks the decode workers: never while another thread builds a model; also from a daemonic Dask worker
+    with LOAD_LOCK, children_allowed():  # (pipeline/daemon_children.py says why that is safe)
         chunks = iter(_loader([t[0] for t in todo], encoder, config, batch_jpegs=decoder is not None))
     for chunk in chunks:
         timings.wait_s += time.perf_counter() - clock
@@ -383,16 +366,9 @@ def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: Clea
         if chunk.last:
             t0 = time.perf_counter()
             results.append(_write_shard(pending.pop(chunk.shard), chunk.shard, *targets[chunk.shard],
-                                        encoder, config))
+                                        encoder, config, chunk.source))
             timings.write_s += time.perf_counter() - t0
             progress.report("embed", advance=1)
         clock = time.perf_counter()
     return results
 
-
-def embed_stage(shards: list[str], config: CleanConfig) -> list[str]:
-    """The embed stage of a run: a batch of shards (all of them in one process, or one per distributed task)
-    -> their embedding files, in the order given. The encoder is loaded once per process."""
-    encoder = shared_encoder(config.embed.encoder, config.embed.device, config.embed.autocast)
-    embed_shards(config, encoder, shards=shards)
-    return [embedding_path(config.output, shard) for shard in shards]

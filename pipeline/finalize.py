@@ -3,16 +3,18 @@
 keep_uids.npy is DataComp's subset format (a sorted numpy array of dtype ``u8,u8``: a 32-hex-char uid's first 16
 hex digits as the high word, the next 16 as the low), written only when every kept sample has such a uid.
 
-The manifest is the run's record: inputs (with how far each was read), every output with its SHA-256, counts by
-reason, renamed keys, the config and the checkpoint. It is built from the markers on disk, so it is the same
-whichever runner or machine wrote the shards.
+The manifest is the run's record, built from the markers on disk, so it is the same whichever runner or machine
+wrote the shards: manifest.json (counts by reason, renamed keys, the config, the checkpoint, the run-wide outputs
+with their SHA-256) and manifest_shards.parquet (per input shard: how far it was read and every output with its
+SHA-256; pipeline/manifest_shards.py). The markers are read on a thread pool and streamed into the table, so
+memory does not grow with the manifest.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -33,8 +35,11 @@ from bicro_clean.pipeline.layout import (
     relative,
     result_path,
 )
+from bicro_clean.pipeline.manifest_shards import ShardTable
+from bicro_clean.pipeline.parallel_io import imap
 from bicro_clean.pipeline.parquet_io import atomic_output, join, package_version
 from bicro_clean.pipeline.score import checkpoint_sha256
+from bicro_clean.pipeline.uid_merge import SortedRuns, write_npy
 from bicro_clean.pipeline.write import output_entry
 from bicro_clean.pipeline.writers import read_json, write_json_atomic, write_keep_keys
 
@@ -64,28 +69,29 @@ def uid_words(uids: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
 
 def write_keep_uids(keep_keys_path: str, path: str) -> int | None:
     """keep_keys' uids as DataComp's sorted ``u8,u8`` array at `path`; the row count, or None (nothing written, a
-    stale file removed) when there is no kept row or a kept row lacks a valid uid (logged once, with the first)."""
-    parts = []
-    with fsspec.open(keep_keys_path, "rb") as fh:
-        for batch in pq.ParquetFile(fh).iter_batches(batch_size=1 << 20, columns=["shard", "key", "uid"]):
-            words = uid_words(batch.column(2))
-            if words is None:
-                bad = batch.filter(pc.invert(pc.fill_null(pc.match_substring_regex(batch.column(2), _HEX_UID),
-                                                          False))).slice(0, 1).to_pylist()[0]
-                logger.info("finalize: no %s: not every kept sample has a 32-hex-char uid (first: shard %s key %r "
-                            "uid %r)", KEEP_UIDS, bad["shard"], bad["key"], bad["uid"])
-                return _remove_stale(path)
-            parts.append(words)
-    words = np.concatenate(parts) if parts else np.zeros(0, UID_DTYPE)
-    if not len(words):
-        logger.info("finalize: no %s: no sample was kept", KEEP_UIDS)
-        return _remove_stale(path)
-    words = words[np.lexsort((words["f1"], words["f0"]))]
-    buffer = io.BytesIO()
-    np.save(buffer, words)
-    with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as out:
-        out.write(buffer.getvalue())
-    return len(words)
+    stale file removed) when there is no kept row or a kept row lacks a valid uid (logged once, with the first).
+    Sorted in bounded runs and merged into the file (pipeline.uid_merge): memory independent of the kept count."""
+    runs = SortedRuns(UID_DTYPE)
+    try:
+        with fsspec.open(keep_keys_path, "rb") as fh:
+            # 64k rows a batch: uid_words holds 32 8-byte nibbles a row (16 MB here, 256 MB at 1M rows)
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=1 << 16, columns=["shard", "key", "uid"]):
+                words = uid_words(batch.column(2))
+                if words is None:
+                    bad = batch.filter(pc.invert(pc.fill_null(pc.match_substring_regex(batch.column(2), _HEX_UID),
+                                                              False))).slice(0, 1).to_pylist()[0]
+                    logger.info("finalize: no %s: not every kept sample has a 32-hex-char uid (first: shard %s key "
+                                "%r uid %r)", KEEP_UIDS, bad["shard"], bad["key"], bad["uid"])
+                    return _remove_stale(path)
+                runs.add(words)
+        if not runs.total:
+            logger.info("finalize: no %s: no sample was kept", KEEP_UIDS)
+            return _remove_stale(path)
+        with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as out:
+            write_npy(out, UID_DTYPE, runs.total, runs.merged())
+        return runs.total
+    finally:
+        runs.close()
 
 
 def _remove_stale(path: str) -> None:
@@ -116,30 +122,67 @@ def _checkpoint_entry(config: CleanConfig, checkpoint_path: str) -> dict[str, An
     return {"path": relative(config.output, checkpoint_path), "sha256": checkpoint_sha256(checkpoint_path)}
 
 
-def manifest(config: CleanConfig, shard_results: list[dict[str, Any]], checkpoint: dict[str, Any],
-             keep_keys: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
-    """The run's record: inputs, every output with its hash, counts, renamed keys, config and checkpoint.
-    `keep_keys`: the run-wide outputs' entries (keep_keys.parquet, keep_uids.npy when written)."""
-    run_wide = keep_keys if isinstance(keep_keys, list) else [keep_keys]
+@dataclass
+class Collected:
+    """What the run-wide record needs from the shards' results, gathered while they stream past: totals, not the
+    results themselves (those go to manifest_shards.parquet row by row)."""
+
+    by_reason: Counter = field(default_factory=Counter)
+    totals: Counter = field(default_factory=Counter)
+    renamed_keys: list[dict[str, Any]] = field(default_factory=list)
+    cutoff: dict[str, Any] | None = None
+    shards: int = 0
+    filtered: list[str] = field(default_factory=list)  # filtered Parquet paths, in input shard order
+    listed: set[str] = field(default_factory=set)  # every output path a shard's result names
+
+    def add(self, result: dict[str, Any]) -> None:
+        if not self.shards:
+            self.cutoff = result["cutoff"]
+        self.shards += 1
+        self.by_reason.update(result["counts"]["by_reason"])
+        self.totals.update({k: result["counts"][k] for k in ("in", "kept", "dropped", "errors")})
+        self.renamed_keys += result["renamed_keys"]
+        self.filtered += [o["path"] for o in result["outputs"] if o["kind"] == "filtered"]
+        self.listed.update(o["path"] for o in result["outputs"])
+
+    def counts(self) -> dict[str, Any]:
+        return {**{k: self.totals[k] for k in ("in", "kept", "dropped", "errors")},
+                "by_reason": dict(sorted(self.by_reason.items()))}
+
+
+def collect(config: CleanConfig, shard_ids: list[str], table: ShardTable) -> Collected:
+    """Every shard's result, read on a bounded thread pool in input order, into `table` and the totals."""
+    collected = Collected()
+    for result in imap(lambda sid: load_shard_result(config, sid), shard_ids):
+        table.add(result)
+        collected.add(result)
+    return collected
+
+
+def manifest(config: CleanConfig, collected: Collected, checkpoint: dict[str, Any],
+             run_wide: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's summary record: config, checkpoint, cutoff, counts, renamed keys and the run-wide outputs with
+    their hashes (keep_keys.parquet, keep_uids.npy when written, manifest_shards.parquet: the per-shard part)."""
     return {
         "package_version": package_version(), "config_hash": resume.config_hash(config), "checkpoint": checkpoint,
         "config": config.model_dump(mode="json", exclude={"output": True, "runner": True,
                                                           "embed": resume.RUNTIME_ONLY}),
-        "cutoff": next((r["cutoff"] for r in shard_results), None),
-        "inputs": [{"url": r["shard"], "shard_id": r["shard_id"], "fingerprint": r["fingerprint"],
-                    **r.get("reading", {})} for r in shard_results],
-        "outputs": [o for r in shard_results for o in r["outputs"]] + run_wide,
-        "counts": total_counts(shard_results),
-        "renamed_keys": [k for r in shard_results for k in r["renamed_keys"]],
+        "cutoff": collected.cutoff, "shards": collected.shards, "outputs": run_wide,
+        "counts": collected.counts(), "renamed_keys": collected.renamed_keys,
     }
 
 
 def remove_outputs_of_other_shards(config: CleanConfig, shard_ids: list[str], results: list[dict[str, Any]]) -> int:
+    """`remove_unlisted` with the output paths that `results` name."""
+    return remove_unlisted(config, shard_ids, {o["path"] for r in results for o in r["outputs"]})
+
+
+def remove_unlisted(config: CleanConfig, shard_ids: list[str], listed: set[str]) -> int:
     """Delete files in annotated/, filtered/, shards/ and results/ that this run's shards did not write (left by an
-    earlier run on more inputs), so the folder holds exactly what manifest.json lists; the count removed.
+    earlier run on more inputs), so the folder holds exactly what the manifest lists; the count removed.
     Caches (embeddings/, scores/, checkpoint/) stay: they are keyed and cost compute to rebuild. A writer's
     `.tmp-*` file in progress is left alone."""
-    keep = {o["path"] for r in results for o in r["outputs"]}
+    keep = set(listed)
     keep |= {relative(config.output, result_path(config.output, sid)) for sid in shard_ids}
     fs, root = fsspec.core.url_to_fs(config.output)
     removed = 0
@@ -155,19 +198,26 @@ def remove_outputs_of_other_shards(config: CleanConfig, shard_ids: list[str], re
     return removed
 
 
-def finalize_stage(config: CleanConfig, shard_ids: list[str], checkpoint_path: str) -> str:
+def finalize_stage(config: CleanConfig, shard_ids: list[str], checkpoint_path: str,
+                   execution: dict[str, Any] | None = None) -> str:
     """Write keep_keys.parquet, keep_uids.npy (when every kept sample has a DataComp uid) and manifest.json from
-    the shards' results (in input shard order), after removing outputs of shards this run does not have."""
-    results = [load_shard_result(config, sid) for sid in shard_ids]
-    remove_outputs_of_other_shards(config, shard_ids, results)
-    filtered = [join(config.output, o["path"]) for r in results for o in r["outputs"] if o["kind"] == "filtered"]
+    the shards' results (in input shard order), after removing outputs of shards this run does not have.
+    `execution`: workers lost and tasks retried on the way (pipeline.shard_groups.execution), recorded as the
+    manifest's `execution` entry; None (nothing went wrong) leaves it out."""
+    with ShardTable(config.output) as table:  # the per-shard part of the manifest, streamed
+        collected = collect(config, shard_ids, table)
+    remove_unlisted(config, shard_ids, collected.listed)
     keep_path = join(config.output, KEEP_KEYS)
+    filtered = [join(config.output, path) for path in collected.filtered]
     run_wide = [output_entry(config, keep_path, "keep_keys", write_keep_keys(filtered, keep_path))]
     uids_path = join(config.output, KEEP_UIDS)
     uid_count = write_keep_uids(keep_path, uids_path)
     if uid_count is not None:
         run_wide.append(output_entry(config, uids_path, "keep_uids", uid_count))
-    record = manifest(config, results, _checkpoint_entry(config, checkpoint_path), run_wide)
+    run_wide.append(output_entry(config, table.path, "shards_table", table.rows))
+    record = manifest(config, collected, _checkpoint_entry(config, checkpoint_path), run_wide)
+    if execution:
+        record["execution"] = execution
     path = join(config.output, MANIFEST)
     write_json_atomic(path, record)
     return path

@@ -14,27 +14,24 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from bicro_clean.pipeline import progress, resume
 from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.fit_sample import Footer, read_footers, read_sample
 from bicro_clean.pipeline.layout import checkpoint_path
-from bicro_clean.pipeline.parquet_io import atomic_output, digest, join, package_version, read_columns
-from bicro_clean.pipeline.score import CHECKPOINT_FILES, device, encoder_info, fixed_list_matrix, pair_key
+from bicro_clean.pipeline.parallel_io import pmap
+from bicro_clean.pipeline.parquet_io import atomic_output, digest, join, package_version
+from bicro_clean.pipeline.score import CHECKPOINT_FILES, device, encoder_info
 
 logger = logging.getLogger(__name__)
 
 FIT_SAMPLE_STREAM = 0x5A3B1E  # any constant no other seeded draw uses
 
 
-def fit_key(config: CleanConfig, embedding_paths: list[str]) -> str:
-    keys = [encoder_info(p).get(resume.KEY) for p in embedding_paths]
-    return resume.stage_key(keys, config.bicro.model_dump(mode="json"), package_version())
-
-
-def _ok_count(path: str) -> int:
-    return int(pc.sum(pc.equal(read_columns(path, ["status"])["status"], "ok")).as_py() or 0)
+def fit_key(config: CleanConfig, embedding_paths: list[str], footers: list[Footer] | None = None) -> str:
+    metas = [f.meta for f in footers] if footers is not None else pmap(encoder_info, embedding_paths)
+    return resume.stage_key([m.get(resume.KEY) for m in metas], config.bicro.model_dump(mode="json"),
+                            package_version())
 
 
 def sample_positions(counts: list[int], sample: int, seed: int) -> list[np.ndarray]:
@@ -49,17 +46,12 @@ def sample_positions(counts: list[int], sample: int, seed: int) -> list[np.ndarr
     return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def _file_pairs(path: str, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    table = read_columns(path, ["shard", "key", "status", "image_emb", "text_emb"])
-    ok = table.filter(pc.equal(table["status"], "ok")).take(pa.array(positions, type=pa.int64()))
-    keys = [pair_key(s, k) for s, k in zip(ok["shard"].to_pylist(), ok["key"].to_pylist())]
-    return fixed_list_matrix(ok["image_emb"]), fixed_list_matrix(ok["text_emb"]), keys
-
-
-def load_fit_pairs(embedding_paths: list[str], sample: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Image/text embeddings and run-wide keys of the ok pairs BiCro is fitted on, in file then row order."""
-    counts = [_ok_count(p) for p in embedding_paths]
-    parts = [_file_pairs(p, pos) for p, pos in zip(embedding_paths, sample_positions(counts, sample, seed))]
+def load_fit_pairs(embedding_paths: list[str], sample: int, seed: int,
+                   footers: list[Footer] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Image/text embeddings and run-wide keys of the ok pairs BiCro is fitted on, in file then row order.
+    Only the sampled rows' row groups are read (pipeline.fit_sample)."""
+    footers = footers if footers is not None else read_footers(embedding_paths)
+    parts = read_sample(footers, sample_positions([f.ok for f in footers], sample, seed))
     if not parts or sum(len(k) for _, _, k in parts) < 2:
         raise ValueError("fewer than 2 usable pairs to fit BiCro on (every sample failed to read?)")
     image = np.concatenate([p[0] for p in parts]).astype(np.float32)
@@ -67,9 +59,10 @@ def load_fit_pairs(embedding_paths: list[str], sample: int, seed: int) -> tuple[
     return image, text, [k for p in parts for k in p[2]]
 
 
-def run_encoder(embedding_paths: list[str]) -> dict[str, Any]:
+def run_encoder(embedding_paths: list[str], footers: list[Footer] | None = None) -> dict[str, Any]:
     """The encoder every embedding file was made with; mixing encoders in one run is an error."""
-    described = (encoder_info(p)["encoder"] for p in embedding_paths)  # one metadata read per file
+    metas = [f.meta for f in footers] if footers is not None else pmap(encoder_info, embedding_paths)
+    described = (meta["encoder"] for meta in metas)  # one metadata read per file
     encoders = {digest(encoder): encoder for encoder in described}
     if len(encoders) != 1:
         raise ValueError(f"embedding files come from {len(encoders)} different encoders; re-embed with one")
@@ -95,13 +88,14 @@ def fit_stage(config: CleanConfig, embedding_paths: list[str]) -> str:
     from bicro_clean.models.params import BiCroParams
     from bicro_clean.models.train import fit_bicro
 
-    path = checkpoint_path(config.output, fit_key(config, embedding_paths))
+    footers = read_footers(embedding_paths)  # one footer read per file, in parallel: keys, counts, row groups
+    path = checkpoint_path(config.output, fit_key(config, embedding_paths, footers))
     if resume.folder_is_complete(path, CHECKPOINT_FILES):
         logger.info("fit: reusing %s", path)
         return path
-    image, text, keys = load_fit_pairs(embedding_paths, config.bicro.fit_sample, config.bicro.seed)
+    image, text, keys = load_fit_pairs(embedding_paths, config.bicro.fit_sample, config.bicro.seed, footers)
     params = BiCroParams(**config.bicro.model_dump(exclude={"fit_sample"}))
-    aligned = bool(run_encoder(embedding_paths).get("aligned"))
+    aligned = bool(run_encoder(embedding_paths, footers).get("aligned"))
     logger.info("fit: %d pairs on %s (aligned encoder: %s)", len(keys), device(), aligned)
     progress.report("fit", total=params.epochs, items=len(keys))
     model, _ = fit_bicro(image, text, params, keys=keys, aligned=aligned, device=device(),

@@ -9,6 +9,7 @@
     results/<shard_id>.json           write: per-shard result, the stage's completion marker (written last)
     keep_keys.parquet, manifest.json  finalize
     report.html                       report
+    run-config.json                   the configuration that owns the folder (pipeline/owner.py), before any work
 
 Paths are strings so that local folders and fsspec URLs are handled alike.
 """
@@ -21,6 +22,7 @@ from bicro_clean.pipeline.shards import shard_id
 EMBED_DIR, SCORE_DIR, CHECKPOINT_DIR = "embeddings", "scores", "checkpoint"
 ANNOTATED_DIR, FILTERED_DIR, SHARDS_DIR, RESULTS_DIR = "annotated", "filtered", "shards", "results"
 KEEP_KEYS, MANIFEST, REPORT = "keep_keys.parquet", "manifest.json", "report.html"
+RUN_CONFIG = "run-config.json"
 
 
 def embedding_path(output: str, shard: str) -> str:

@@ -4,7 +4,8 @@ Two runs with the same configuration on one `--out` are safe: every stage writes
 same bytes, so they may overlap (tested). Two runs with different configurations would overwrite each other's
 files, the last writer winning file by file. Each run therefore holds a shared `flock` on a lock file named after
 its configuration hash (`OUT/.locks/<hash>.lock`) and refuses to start while a lock of another hash is held.
-The kernel drops a lock when its process dies, so a killed run never blocks the next one.
+The kernel drops a lock when its process dies, so a killed run never blocks the next one. Which configuration may
+write a folder at all, once the runs before it have ended, is pipeline/owner.py's rule (checked under this lock).
 
 Object stores have no advisory locks. For a remote `--out` (``s3://bucket/out``) the lock files live in a local
 folder keyed by the URL, `<temp dir>/bicro-clean-locks/<sha256(url)[:16]>/`: runs on this machine are guarded

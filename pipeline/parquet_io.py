@@ -15,6 +15,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bicro_clean.pipeline import content_id
+
 logger = logging.getLogger(__name__)
 METADATA_KEY = b"bicro_clean"
 
@@ -88,20 +90,28 @@ def read_stage_metadata(path: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+# What a backend's info says about a file's version: local size + mtime; object stores' ETag / MD5 / LastModified;
+# an HTTP server's Last-Modified, ETag, Content-MD5 and Digest headers (fsspec's HTTP info keeps their names).
+_STAMP_FIELDS = ("size", "mtime", "ETag", "etag", "md5Hash", "LastModified", "Last-Modified", "Content-MD5", "Digest")
+
+
 def input_fingerprint(url: str) -> str:
     """Cheap identity of an input file (size + modification time or etag) without reading it."""
     fs, _, (path,) = fsspec.get_fs_token_paths(url)
     info = fs.info(path)
-    stamp = {k: str(info.get(k)) for k in ("size", "mtime", "ETag", "etag", "md5Hash", "LastModified") if k in info}
+    stamp = {k: str(info.get(k)) for k in _STAMP_FIELDS if k in info}
     return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def shard_fingerprint(url: str) -> str:
-    """input_fingerprint, or for an input without a cheap identity (a pipe: command, an HTTP URL that answers 404,
-    a path that is gone) a stand-in derived from the spec: reading it then records shard_unreadable (or the
-    command's output) instead of the whole run failing on its cache key."""
+    """The up-front identity of an input shard (pipeline.content_id): input_fingerprint, plus for a local file its
+    member headers and outer data blocks read by seeking. For an input without a cheap identity (a pipe: command,
+    an HTTP URL that answers 404, a path that is gone) a stand-in derived from the spec: reading it then records
+    shard_unreadable (or the command's output) instead of the whole run failing on its cache key."""
     try:
-        return input_fingerprint(url)
+        stamp = input_fingerprint(url)
+        local = content_id.local_file(url)
+        return stamp if local is None else digest(stamp, content_id.local_identity(local))
     except Exception as error:  # any backend's error: the reader reports the real problem in its row
         logger.debug("no fingerprint for %s (%s): keyed by its spec", url, type(error).__name__)
         return "spec-" + digest(url)

@@ -5,7 +5,10 @@ settings that shape it and the package version. A stage whose output already rec
 done and is skipped, so rerunning a command redoes nothing and a killed run resumes where it stopped, on any
 runner (the key lives with the output, not in a scheduler). Where the key is recorded:
 
-    embed, score  the Parquet's bicro-clean metadata (`cache_key`)
+    embed         the Parquet's bicro-clean metadata: `identity_key`, from the shard's up-front identity (what a
+                  rerun compares before reading it), and `cache_key`, which adds the digest of the bytes read
+                  (what every later stage builds on: pipeline/content_id.py)
+    score         the Parquet's bicro-clean metadata (`cache_key`)
     fit           the checkpoint folder's name (`checkpoint/bicro-<key>`), complete once its files exist
     write         the shard's completion marker `results/<shard_id>.json` (`cache_key`), written last, whose
                   listed outputs must all exist, the annotated Parquet with the recorded SHA-256

@@ -10,9 +10,9 @@ Two rules, both from the SelectConfig:
 
 Every row gets a decision (keep / drop / error) and a reason code: nothing disappears without a row.
 
-The policy above is pure (arrays in, arrays out). The select stage at the end of this file feeds it: one
-run-wide pass over the score files (the keep-fraction cutoff, keys repeated across shards) and one shard's
-decisions from its scores table.
+The policy above is pure (arrays in, arrays out). The select stage at the end of this file feeds it: the
+run-wide values (the keep-fraction cutoff, keys repeated across shards), each a bounded merge of per-file
+partials (pipeline.run_wide_cutoff, pipeline.run_wide_keys), and one shard's decisions from its scores table.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from bicro_clean.pipeline import run_wide_cutoff, run_wide_keys
 from bicro_clean.pipeline.config import CleanConfig
-from bicro_clean.pipeline.parquet_io import read_columns
 
 logger = logging.getLogger(__name__)
 
@@ -186,39 +185,19 @@ def check_select(config: CleanConfig, encoder: dict[str, Any] | None = None) -> 
 
 
 def duplicate_keys(embedding_paths: Iterable[str]) -> frozenset[str]:
-    """Keys of ok rows that occur in more than one shard (within a shard the reader already rejects repeats)."""
-    parts = []
-    for path in embedding_paths:
-        table = read_columns(path, ["key", "status"])
-        parts.append(pc.unique(table.filter(pc.equal(table["status"], "ok"))["key"].combine_chunks()))
-    if not parts:
-        return frozenset()
-    counts = pc.value_counts(pa.chunked_array(parts, type=pa.string()).combine_chunks())
-    return frozenset(c["values"].as_py() for c in counts if c["counts"].as_py() > 1)
-
-
-def _as_stored(values: pa.ChunkedArray) -> np.ndarray:
-    """A score column in its stored float type: float32 columns stay 4 bytes a row for the whole run, clean_score
-    keeps its float64 digits (a float32 copy would tie pairs it tells apart). Nulls (error rows) become NaN."""
-    return values.to_numpy().astype(values.type.to_pandas_dtype())
-
-
-def _score_column(path: str, column: str) -> np.ndarray:
-    return _as_stored(read_columns(path, [column])[column])
-
-
-def _tied(path: str, column: str, value: float) -> list[tuple[str, str]]:
-    table = read_columns(path, ["shard", "key", column])
-    hit = _as_stored(table[column]) == value
-    return list(zip(np.asarray(table["shard"].to_pylist())[hit], np.asarray(table["key"].to_pylist())[hit]))
+    """Keys of ok rows that occur in more than one shard (within a shard the reader already rejects repeats):
+    hashed per file and merged bucket by bucket (pipeline.run_wide_keys), memory independent of the crawl."""
+    return run_wide_keys.duplicate_keys(embedding_paths)
 
 
 def global_cutoff(score_paths: list[str], column: str, fraction: float) -> Cutoff:
-    """The keep-fraction cutoff over every shard: one pass for the values, one for the rows tied at the cut."""
-    values = np.concatenate([_score_column(p, column) for p in score_paths]) if score_paths else np.zeros(0)
-    cut = cut_value(values, fraction)
-    ties = [] if cut is None else [t for p in score_paths for t in _tied(p, column, cut)]
-    return cutoff_from_columns(values, ties, fraction)
+    """The keep-fraction cutoff over every shard, as `cutoff_in_memory` over all rows would give it, from
+    per-file histograms and a pass over the cut bin and the tied rows only (pipeline.run_wide_cutoff)."""
+    n_scored = run_wide_cutoff.count_scored(score_paths, column)
+    n_keep = n_to_keep(n_scored, fraction)
+    if n_keep == 0:
+        return Cutoff(0, n_scored)
+    return Cutoff(n_keep, n_scored, *run_wide_cutoff.cut_row(score_paths, column, n_scored, n_keep))
 
 
 def run_wide_values(config: CleanConfig, embedding_paths: list[str], score_paths: list[str]) -> RunWide:

@@ -49,6 +49,9 @@ REASONS: dict[str, str] = {
     "unsafe_member_name": "The member name is absolute, has a '..' component, control characters, invalid UTF-8 "
     "or no key; it is never used.",
     "non_file_member": "The tar member is a directory, link, device or FIFO, not a regular file; skipped.",
+    "member_too_large": "A tar member's header declares more bytes than its kind's bound (.txt/.json: 256 x "
+    "reader.max_caption_bytes; images: from reader.max_image_pixels; others: reader.max_member_bytes); it is "
+    "skipped unread.",
     "shard_truncated": "The shard ends early (cut download, missing end marker); the samples before the cut are "
     "kept and the sample being read at the cut is recorded with this reason.",
     "shard_corrupt": "The shard has a corrupt tar header, compressed stream or trailing data; the samples before "

@@ -146,7 +146,8 @@ def plain_member(tar: tarfile.TarFile, headers: PlainHeaders) -> Member | None:
 
 def member_data(tar: tarfile.TarFile, member: Member) -> bytes:
     """The member's bytes: tarfile's extractfile for what tarfile parsed, else what its _FileInFile would do (the
-    header was the last thing read, so the data starts here)."""
+    header was the last thing read, so the data starts here). Read whole: the reader calls this only for members
+    within their bound (pipeline.tar_bounds); one it skips is passed over in pieces by the next header's read."""
     if member.info is not None:
         return tar.extractfile(member.info).read()
     data = tar.fileobj.read(member.size)

@@ -3,8 +3,9 @@
 Shards are streamed (`tarfile` pipe mode over an fsspec file, an http(s) stream that resumes after a cut
 connection (`bicro_clean.pipeline.http_read`), or the stdout of an allowed `pipe:` command; plain tars through
 `bicro_clean.pipeline.tar_plain`, tarfile's results at a fraction of its cost), one member at a time:
-memory stays bounded by one sample, whatever the shard size. Member bytes are not decoded here (that is
-`bicro_clean.pipeline.decode`), so cleaned shards can copy them byte-for-byte.
+memory stays bounded by one sample, whatever the shard size, and each member and header by the bound for its kind,
+checked on the size its header declares before any of it is read (`bicro_clean.pipeline.tar_bounds`). Member bytes
+are not decoded here (that is `bicro_clean.pipeline.decode`), so cleaned shards can copy them byte-for-byte.
 
 Members are untrusted: non-files and unsafe names become issues, never paths. Shard-level damage (a cut download,
 a corrupt header or compressed stream, data after the end marker) ends that shard with one issue that says how far
@@ -14,19 +15,21 @@ reading got, so the caller can go on with the next shard.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Generator, Iterator
+from typing import IO, ClassVar, Generator, Iterator
 
 import fsspec
 import fsspec.compression
 from fsspec.implementations.local import LocalFileSystem
 
 from bicro_clean.pipeline.config import ReaderConfig
+from bicro_clean.pipeline.content_id import StreamTally
 from bicro_clean.pipeline.http_read import ResumingHTTPReader, is_http
 from bicro_clean.pipeline.shards import (
     RawSample,
@@ -38,6 +41,7 @@ from bicro_clean.pipeline.shards import (
     split_key,
     unsafe_name_problem,
 )
+from bicro_clean.pipeline.tar_bounds import MemberBounds, header_budget
 from bicro_clean.pipeline.tar_plain import ForwardReader, Member, PlainHeaders, member_data, open_tar, plain_member
 
 logger = logging.getLogger(__name__)
@@ -76,19 +80,30 @@ def _member_issue(shard: str, member: Member) -> ReadIssue | None:
 
 
 class _WatchedTarInfo(tarfile.TarInfo):
-    """A TarInfo that remembers why reading headers stopped.
+    """A TarInfo that remembers why reading headers stopped, and reads header data within `header_bound`.
 
     After the first member, tarfile treats a damaged or cut header as the end of the archive: without this, a
-    corrupt shard would look complete and every sample after the damage would vanish silently.
+    corrupt shard would look complete and every sample after the damage would vanish silently. tarfile reads a
+    PAX header or GNU long name whole, whatever size its header claims: over the bound, the read raises instead
+    (`tar_bounds.header_budget`) and the shard ends as shard_corrupt.
     """
+
+    header_bound: ClassVar[int | None] = None
 
     @classmethod
     def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
         try:
-            return super().fromtarfile(tar)
+            with header_budget(tar, cls.header_bound):
+                return super().fromtarfile(tar)
         except tarfile.HeaderError as error:
             setattr(tar, _STOP_ATTR, error)
             raise
+
+
+@functools.lru_cache(maxsize=8)
+def _tarinfo_class(header_bound: int) -> type[_WatchedTarInfo]:
+    """A _WatchedTarInfo with this header bound (a class: tarfile reads the first header in its constructor)."""
+    return type("_BoundedTarInfo", (_WatchedTarInfo,), {"header_bound": header_bound})
 
 
 @dataclass
@@ -254,7 +269,8 @@ class _MemberIssues:
         return [ReadIssue(held.shard, held.key, held.reason, held.detail + more)]
 
 
-def _iter_members(grouper: _Grouper, tar: tarfile.TarFile) -> Generator[RawSample | ReadIssue, None, bool]:
+def _iter_members(grouper: _Grouper, tar: tarfile.TarFile,
+                  bounds: MemberBounds) -> Generator[RawSample | ReadIssue, None, bool]:
     """Yield samples and issues; return True when the archive ended on a real end marker."""
     # Any exception while pulling bytes ends only this shard: the input is untrusted and remote backends raise
     # their own exception types. The try blocks wrap the reading calls only (tarfile's, or the plain-tar path that
@@ -280,6 +296,10 @@ def _iter_members(grouper: _Grouper, tar: tarfile.TarFile) -> Generator[RawSampl
         yield from grouper.begin(member.name)
         if held is not None:
             grouper.attach(held)
+        too_large = bounds.issue(grouper.shard, *split_key(member.name), member.name, member.size)
+        if too_large is not None:  # never read: reading the next header skips its bytes in pieces
+            grouper.attach(too_large)
+            continue
         try:
             data = member_data(tar, member)
         except Exception as error:
@@ -291,15 +311,15 @@ def _iter_members(grouper: _Grouper, tar: tarfile.TarFile) -> Generator[RawSampl
     return True
 
 
-def _iter_stream(shard: str, stream: IO[bytes]) -> Iterator[RawSample | ReadIssue]:
+def _iter_stream(shard: str, stream: IO[bytes], config: ReaderConfig) -> Iterator[RawSample | ReadIssue]:
     grouper = _Grouper(shard)
     try:
-        tar = open_tar(stream, _WatchedTarInfo)
+        tar = open_tar(stream, _tarinfo_class(config.max_member_bytes))
     except Exception as error:  # not a tar at all, empty, broken compression: same policy as mid-stream
         yield from grouper.broken(error, 0)
         return
     with contextlib.closing(tar):
-        if (yield from _iter_members(grouper, tar)):
+        if (yield from _iter_members(grouper, tar, MemberBounds.from_config(config))):
             yield from _check_trailing_data(grouper, tar)
 
 
@@ -320,37 +340,36 @@ def _pipe_stream(command: str) -> Iterator[IO[bytes]]:
 
 
 @contextlib.contextmanager
-def _open_stream(url: str) -> Iterator[IO[bytes]]:
-    if url.startswith("pipe:"):
-        with _pipe_stream(url[len("pipe:"):]) as stream:
-            yield stream
-        return
-    # fsspec does not know .tgz; tarfile's own gzip reader would skip the CRC check, so hand it to fsspec's
-    compression = "gzip" if url.lower().endswith(".tgz") else "infer"
-    if url.startswith(("/", "./", "../")):  # a local path (see shards.local_path): no URL or "::" chain parsing
-        compression = fsspec.core.get_compression(url, compression)
-        local = fsspec.core.OpenFile(LocalFileSystem(), os.path.abspath(url), "rb", compression=compression)
-        with local as stream:
-            yield stream
-        return
-    if is_http(url):  # read so that a cut connection keeps what arrived (pipeline/http_read.py)
-        compression = fsspec.core.get_compression(url, compression)
-        with ResumingHTTPReader(url) as raw:
-            with (fsspec.compression.compr[compression](raw, mode="rb") if compression else raw) as stream:
-                yield stream
-        return
-    with fsspec.open(url, "rb", compression=compression) as stream:
-        yield stream
+def _open_stream(url: str, tally: StreamTally | None = None) -> Iterator[IO[bytes]]:
+    """The shard's tar stream. `tally` (the embed stage's) hashes the bytes as they come from the source, before
+    any decompression: the digest of the shard file itself, without a second read (pipeline/content_id.py)."""
+    with contextlib.ExitStack() as stack:
+        compression = None
+        if url.startswith("pipe:"):
+            raw = stack.enter_context(_pipe_stream(url[len("pipe:"):]))
+        else:
+            # fsspec does not know .tgz; tarfile's own gzip reader would skip the CRC check, so hand it to fsspec's
+            compression = fsspec.core.get_compression(url, "gzip" if url.lower().endswith(".tgz") else "infer")
+            if url.startswith(("/", "./", "../")):  # a local path (see shards.local_path): no URL or "::" parsing
+                raw = stack.enter_context(LocalFileSystem().open(os.path.abspath(url), "rb"))
+            elif is_http(url):  # read so that a cut connection keeps what arrived (pipeline/http_read.py)
+                raw = stack.enter_context(ResumingHTTPReader(url))
+            else:
+                raw = stack.enter_context(fsspec.open(url, "rb"))
+        if tally is not None:
+            raw = tally.wrap(raw)
+        yield stack.enter_context(fsspec.compression.compr[compression](raw, mode="rb")) if compression else raw
 
 
-def iter_shard(url: str, config: ReaderConfig) -> Iterator[RawSample | ReadIssue]:
-    """Stream one shard: a RawSample per key group, a ReadIssue for everything that cannot be used."""
+def iter_shard(url: str, config: ReaderConfig, tally: StreamTally | None = None) -> Iterator[RawSample | ReadIssue]:
+    """Stream one shard: a RawSample per key group, a ReadIssue for everything that cannot be used. `tally`, when
+    given, receives the SHA-256 of the shard's bytes as they are read."""
     check_pipe_allowed(url, config.allow_pipe)
     with contextlib.ExitStack() as stack:
         try:
-            stream = stack.enter_context(_open_stream(url))
+            stream = stack.enter_context(_open_stream(url, tally))
         except (OSError, ValueError) as error:
             logger.warning("%s: cannot open: %s", url, describe_error(error))
             yield ReadIssue(url, "", "shard_unreadable", describe_error(error))
             return
-        yield from _iter_stream(url, stream)
+        yield from _iter_stream(url, stream, config)

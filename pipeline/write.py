@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from bicro_clean.pipeline import progress, resume, select
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
+from bicro_clean.pipeline.content_id import SampleCheck
 from bicro_clean.pipeline.layout import (
     SHARDS_DIR,
     annotated_path,
@@ -70,11 +71,13 @@ def _truth_clean(doc: dict[str, Any]) -> bool | None:
 
 
 def copy_kept(shard: str, reader: ReaderConfig, table: pa.Table, plan: dict[str, Any],
-              writer: ShardedTarWriter) -> None:
+              writer: ShardedTarWriter, check: SampleCheck) -> None:
     """Stream the input shard once: copy kept samples into `writer`, note every sample, collect truth_clean.
 
     The embeddings (and so `table`) have exactly one row per reader item in reader order, so rows align by
-    position; the key check catches an input shard that changed since it was embedded.
+    position. Every sample read must be the one embedded: same key at the same place, same member digest
+    (`check`); otherwise the input changed since it was embedded, and InputChangedError stops the write before
+    anything of this shard is published (pipeline/content_id.py).
     """
     keys, decision, reason = table["key"].to_pylist(), plan["decision"], plan["reason"]
     scores = {c: table[c].to_pylist() for c in JSON_SCORES}
@@ -82,8 +85,9 @@ def copy_kept(shard: str, reader: ReaderConfig, table: pa.Table, plan: dict[str,
     for row, item in enumerate(iter_shard(shard, reader)):
         raw = isinstance(item, RawSample)
         if row >= len(keys) or item.key != keys[row] or (decision[row] == select.KEEP and not raw):
-            raise RuntimeError(f"{shard}: item {row} ({item.key!r}) does not match its embeddings; re-embed")
+            raise check.changed(f"item {row} ({item.key!r})")
         if raw:
+            check.verify_row(row, item)
             doc = json_object(item.members.get("json"))  # parsed once: truth_clean here, the kept copy below
             plan["truth_clean"][row] = _truth_clean(doc)
         if decision[row] == select.KEEP:
@@ -94,7 +98,7 @@ def copy_kept(shard: str, reader: ReaderConfig, table: pa.Table, plan: dict[str,
             plan["output_shard"][row] = writer.add(members, renamed)
         writer.note(reason[row])
     if row + 1 != len(keys):
-        raise RuntimeError(f"{shard}: read {row + 1} items but embedded {len(keys)}; re-embed")
+        raise check.changed(f"{row + 1} items where {len(keys)} were embedded")
 
 
 def annotated_table(table: pa.Table, plan: dict[str, Any], embeddings: pa.Table | None) -> pa.Table:
@@ -170,7 +174,8 @@ def _write_outputs(config: CleanConfig, shard: str, sid: str, table: pa.Table, p
                    meta: dict[str, Any]) -> list[dict[str, Any]]:
     writer = ShardedTarWriter(join(config.output, SHARDS_DIR), sid, config.out.maxcount, config.out.maxsize)
     try:
-        copy_kept(shard, config.reader, table, plan, writer)
+        check = SampleCheck(shard, embedding_path(config.output, shard))  # what the embed stage read
+        copy_kept(shard, config.reader, table, plan, writer, check)
         tars = writer.close(shard)
     except BaseException:
         writer.abort()

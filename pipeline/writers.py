@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bicro_clean.pipeline.parallel_io import imap
 from bicro_clean.pipeline.parquet_io import atomic_output, join, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
@@ -299,18 +300,23 @@ def kept_rows(table: pa.Table) -> pa.Table:
 def write_keep_keys(filtered_paths: Iterable[str], path: str) -> int:
     """(shard, key, uid) of every kept sample, streamed one filtered file at a time; returns the row count. uid is
     null where the sample's .json has none (or a filtered file has no uid column)."""
-    schema = pa.schema([("shard", pa.string()), ("key", pa.string()), ("uid", pa.string())])
     rows = 0
     with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as fh:
-        with pq.ParquetWriter(fh, schema, compression="zstd") as writer:
-            for filtered in filtered_paths:
-                with fsspec.open(filtered, "rb") as src:
-                    source = pq.ParquetFile(src)
-                    names = [n for n in schema.names if n in source.schema_arrow.names]
-                    part = source.read(columns=names)
-                if "uid" not in names:
-                    part = part.append_column("uid", pa.nulls(part.num_rows, pa.string()))
-                part = part.select(schema.names).cast(schema)
+        with pq.ParquetWriter(fh, KEEP_KEYS_SCHEMA, compression="zstd") as writer:
+            for part in imap(_keep_keys_part, filtered_paths):  # read ahead on a bounded thread pool, in order
                 writer.write_table(part)
                 rows += part.num_rows
     return rows
+
+
+KEEP_KEYS_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("uid", pa.string())])
+
+
+def _keep_keys_part(filtered: str) -> pa.Table:
+    with fsspec.open(filtered, "rb") as src:
+        source = pq.ParquetFile(src)
+        names = [n for n in KEEP_KEYS_SCHEMA.names if n in source.schema_arrow.names]
+        part = source.read(columns=names)
+    if "uid" not in names:
+        part = part.append_column("uid", pa.nulls(part.num_rows, pa.string()))
+    return part.select(KEEP_KEYS_SCHEMA.names).cast(KEEP_KEYS_SCHEMA)

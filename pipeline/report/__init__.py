@@ -32,6 +32,7 @@ import fsspec
 
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.layout import REPORT
+from bicro_clean.pipeline.manifest_shards import with_shards
 from bicro_clean.pipeline.parquet_io import atomic_output, join
 from bicro_clean.pipeline.report.diagnostics import loss_diagnostics
 from bicro_clean.pipeline.report.page import render_page
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 def write_report(config: CleanConfig, manifest_path: str) -> str:
     """Write `OUTPUT/report.html` atomically from the run's manifest and outputs; returns its path."""
-    manifest = read_json(manifest_path)
+    manifest = with_shards(read_json(manifest_path), config.output)  # inputs and outputs from the shards table
     if not isinstance(manifest, dict):
         raise FileNotFoundError(f"no readable manifest at {manifest_path}")
     page = build_report(config, manifest)

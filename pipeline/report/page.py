@@ -16,7 +16,7 @@ from bicro_clean.pipeline.report.plots import mixture_plot, stacked_histogram, t
 from bicro_clean.pipeline.report.compare import Agreement, agreement
 from bicro_clean.pipeline.report.scan import Rule, Stats
 from bicro_clean.pipeline.report.slider import slider_section
-from bicro_clean.pipeline.report.thumbnails import Thumb, shards_by_id, split_pair_key
+from bicro_clean.pipeline.report.thumbnails import Thumb, shards_by_id, shown_uri, split_pair_key
 from bicro_clean.pipeline.shards import REASONS
 
 # Package data (pyproject.toml ships *.css in wheels); inlined so the page needs no second file.
@@ -28,8 +28,11 @@ SELECT_REASONS = {
 }
 
 
-# No network at all: inline styles and scripts, data: images only.
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+# No network at all: inline styles and scripts, data: images only. Untrusted text is escaped everywhere; the
+# policy is a second wall behind that: no event-handler attributes (script-src-attr), no javascript: URLs and no
+# HTML-parsing sinks (Trusted Types, which the report's script does not use), no <base> or form targets.
+CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+       "script-src-attr 'none'; require-trusted-types-for 'script'; base-uri 'none'; form-action 'none'")
 
 
 # C0/C1 control characters (tab, newline and carriage return aside) are shown as visible \xNN escapes: a caption's
@@ -240,9 +243,10 @@ def mixture_cards(losses: LossDiagnostics | None) -> list[str]:
 
 
 def image_tag(thumb: Thumb | None, alt: str, extra: str = "") -> str:
-    if thumb is None or thumb.uri is None:
+    uri = shown_uri(thumb)
+    if uri is None:
         return f'<div class="img noimg {extra}">no image</div>'
-    return f'<img class="img {extra}" src="{thumb.uri}" alt="{esc(alt)}">'
+    return f'<img class="img {extra}" src="{esc(uri)}" alt="{esc(alt)}">'
 
 
 def _chip(text: str, kind: str = "") -> str:

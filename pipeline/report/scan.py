@@ -11,7 +11,7 @@ import hashlib
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -96,6 +96,11 @@ def _floats(table: Any, column: str) -> np.ndarray:
     return np.asarray(pc.fill_null(table[column], float("nan")).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
+def _objects(column: Any) -> np.ndarray:
+    values = column.to_numpy(zero_copy_only=False)
+    return values if values.dtype == object else values.astype(object)
+
+
 def read_rows(path: str, rule_column: str) -> dict[str, np.ndarray]:
     """The columns the report needs from one annotated file; a score column the file lacks reads as all NaN, so
     a run from before a column existed still gets its report (without that column's figures)."""
@@ -103,7 +108,8 @@ def read_rows(path: str, rule_column: str) -> dict[str, np.ndarray]:
         names = set(pq.read_schema(fh).names)
         wanted = sorted(c for c in {*ROW_COLUMNS, rule_column} if c in names)
         table = pq.read_table(fh, columns=wanted)
-    rows = {c: np.asarray(table[c].to_pylist(), dtype=object) for c in wanted}
+    # object arrays of the same Python values as to_pylist, built by Arrow in C (no Python loop per row)
+    rows = {c: _objects(table[c]) for c in wanted}
     for column in {*SCORE_COLUMNS, rule_column}:
         rows[column] = _floats(table, column) if column in names else np.full(table.num_rows, np.nan)
     rows.setdefault("truth_clean", np.full(table.num_rows, None, dtype=object))
@@ -134,10 +140,14 @@ def shard_counts(rows: dict[str, np.ndarray]) -> dict[str, Any]:
             "errors": int((decision == "error").sum()), "reasons": top}
 
 
+def truth_masks(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(known, clean) of a truth_clean object array (True, False or None per row), elementwise in numpy."""
+    known = np.not_equal(truth, None).astype(bool)
+    return known, known & np.equal(truth, True).astype(bool)
+
+
 def add_truth(stats: Stats, rows: dict[str, np.ndarray], scored: np.ndarray) -> None:
-    truth = rows["truth_clean"]
-    known = np.array([t is not None for t in truth], dtype=bool)
-    clean = np.array([t is True for t in truth], dtype=bool)
+    known, clean = truth_masks(rows["truth_clean"])
     kept = rows["decision"] == "keep"
     for name, mask in (("rows", known), ("noisy", known & ~clean), ("kept", known & kept),
                        ("kept_clean", clean & kept), ("clean_scored", clean & scored)):
@@ -179,13 +189,25 @@ def _row(rows: dict[str, np.ndarray], i: int) -> dict[str, Any]:
     return {c: (float(v[i]) if v.dtype.kind == "f" else v[i]) for c, v in rows.items()}
 
 
-def _smallest(rows: dict[str, np.ndarray], index: Iterable[int], sort_key: Any) -> list[Pick]:
-    best = heapq.nsmallest(GALLERY_SIZE, index, key=sort_key)
+def _smallest(rows: dict[str, np.ndarray], index: np.ndarray, numeric: list[np.ndarray], sort_key: Any) -> list[Pick]:
+    """heapq.nsmallest(GALLERY_SIZE, index, key=sort_key) where sort_key(i) starts with the `numeric` columns
+    (then shard and key): candidates are ranked in numpy first, so Python sees only the GALLERY_SIZE best rows
+    and the rows tied with the last of them on every numeric column."""
+    if len(index) > GALLERY_SIZE:
+        columns = [c[index] for c in numeric]
+        order = np.lexsort(columns[::-1])
+        last = order[GALLERY_SIZE - 1]
+        tied = np.logical_and.reduce([c == c[last] for c in columns])
+        index = index[np.union1d(order[:GALLERY_SIZE], np.flatnonzero(tied))]
+    best = heapq.nsmallest(GALLERY_SIZE, index.tolist(), key=sort_key)
     return [(sort_key(i), _row(rows, i)) for i in best]
 
 
 def priorities(rows: dict[str, np.ndarray], seed: int) -> np.ndarray:
-    return np.array([_priority(seed, s, k) for s, k in zip(rows["shard"], rows["key"])], dtype=np.uint64)
+    """`_priority` of every row: the same digests, joined and read as big-endian words in one numpy call."""
+    digests = b"".join(hashlib.blake2b(f"{seed}\0{s}\0{k}".encode(), digest_size=8).digest()
+                       for s, k in zip(rows["shard"], rows["key"]))
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
 
 
 def file_picks(rows: dict[str, np.ndarray], rule: Rule, prio: np.ndarray) -> dict[str, list[Pick]]:
@@ -197,11 +219,15 @@ def file_picks(rows: dict[str, np.ndarray], rule: Rule, prio: np.ndarray) -> dic
     second = rows["p_clean"] if rule.column == "soft_label" else np.zeros(len(value))
     scored = np.flatnonzero((rows["decision"] != "error") & ~np.isnan(value) & ~np.isnan(second))
     kept = np.flatnonzero(rows["decision"] == "keep")
-    rank = {int(i): (int(prio[i]), shard[i], key[i]) for i in np.union1d(scored, kept)}
+
+    def rank(i: int) -> tuple[int, str, str]:
+        return int(prio[i]), shard[i], key[i]
+
+    distance = np.abs(value - rule.threshold)
     return {
-        "lowest": _smallest(rows, scored, lambda i: (value[i], second[i], *rank[i])),
-        "borderline": _smallest(rows, scored, lambda i: (abs(value[i] - rule.threshold), *rank[i])),
-        "random_kept": _smallest(rows, kept, lambda i: rank[i]),
+        "lowest": _smallest(rows, scored, [value, second, prio], lambda i: (value[i], second[i], *rank(i))),
+        "borderline": _smallest(rows, scored, [distance, prio], lambda i: (abs(value[i] - rule.threshold), *rank(i))),
+        "random_kept": _smallest(rows, kept, [prio], rank),
     }
 
 

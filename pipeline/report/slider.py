@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from bicro_clean.pipeline.report.threshold import BINS, ScoreBins, example_rows
-from bicro_clean.pipeline.report.thumbnails import Thumb
+from bicro_clean.pipeline.report.thumbnails import Thumb, shown_uri
 
 NEAREST = 8  # example pairs shown around the threshold
 
@@ -45,7 +45,7 @@ def slider_data(bins: ScoreBins, rule_column: str, threshold: float,
         thumb = thumbs.get((str(row["shard"]), str(row["key"])))
         truth = row.get("truth_clean")
         examples.append({"key": str(row["key"]), "caption": str(row.get("caption") or ""),
-                         "img": thumb.uri if thumb is not None else None,
+                         "img": shown_uri(thumb),
                          "truth": bool(truth) if truth is not None else None,
                          "scores": {c: _number(row.get(c)) for c in bins.columns}})
     return {"columns": columns, "examples": examples, "nearest": NEAREST,

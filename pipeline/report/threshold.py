@@ -122,8 +122,8 @@ def add_bins(bins: ScoreBins, rows: dict[str, np.ndarray], scored: np.ndarray, r
     """One annotated file's scored rows into every column's histograms and example heaps. `rank` is each row's
     seeded pseudo-random priority (an int per row), so examples do not depend on the order of the files."""
     truth = rows["truth_clean"]
-    known = np.array([t is not None for t in truth], dtype=bool)
-    clean = np.array([t is True for t in truth], dtype=bool)
+    known = np.not_equal(truth, None).astype(bool)  # elementwise on the object array: no Python loop per row
+    clean = known & np.equal(truth, True).astype(bool)
     for column in bins.columns.values():
         if column.name not in rows:
             continue

@@ -1,5 +1,7 @@
 """Thumbnails of the gallery rows and their nearest anchors, cut while streaming only the shards that hold them,
-as base64 JPEG data URIs; and the manifest lookups that resolve anchor keys to those shards.
+as base64 JPEG data URIs; and the manifest lookups that resolve anchor keys to those shards. Each sample shown is
+checked against the member digest its embeddings recorded: a changed input stops the report instead of showing
+images and captions the scores were not computed from (pipeline/content_id.py).
 """
 
 from __future__ import annotations
@@ -7,12 +9,15 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.content_id import SampleCheck
+from bicro_clean.pipeline.layout import embedding_path
 from bicro_clean.pipeline.shards import IMAGE_EXTENSIONS, SAFE_IMAGE_FORMATS, RawSample, shard_id
 from bicro_clean.pipeline.tar_reader import iter_shard
 
@@ -87,8 +92,10 @@ def fetch_thumbnails(wanted: dict[str, set[str]], config: CleanConfig,
     for url in sorted(set(wanted) | set(small)):
         full = wanted.get(url, set())
         missing = full | small.get(url, set())
+        check = SampleCheck(url, embedding_path(config.output, url), required=False)  # a change stops the report
         for item in iter_shard(url, config.reader):
             if isinstance(item, RawSample) and item.key in missing:
+                check.verify_key(item)
                 size = THUMB_PX if item.key in full else SMALL_PX
                 found[(url, item.key)] = sample_thumb(item, config.reader.max_image_pixels, size)
                 missing.discard(item.key)
@@ -97,3 +104,16 @@ def fetch_thumbnails(wanted: dict[str, set[str]], config: CleanConfig,
         if missing:
             logger.warning("report: %d samples not found in %s", len(missing), url)
     return found
+
+
+JPEG_URI = "data:image/jpeg;base64,"  # what thumbnail_uri makes
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+def shown_uri(thumb: Thumb | None) -> str | None:
+    """The thumbnail's URI when it is a base64 JPEG data URI (thumbnail_uri's re-encode), else None: the page
+    embeds no other kind of URI, since an SVG or HTML data URI, or any other URL, can carry script."""
+    uri = thumb.uri if thumb is not None else None
+    if uri is None or not uri.startswith(JPEG_URI) or not _BASE64.fullmatch(uri[len(JPEG_URI):]):
+        return None
+    return uri

@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from conftest import header_offsets, image_bytes, tar_bytes, tiny_config
+from bicro_clean.pipeline.manifest_shards import read_manifest
 from bicro_clean.pipeline.run import run_pipeline
 from bicro_clean.pipeline.write import SHARD_REASONS
 from bicro_clean.pipeline.shards import split_key, unsafe_name_problem
@@ -202,7 +203,7 @@ def run(corpus, tmp_path_factory) -> dict:
         summary = run_pipeline(config)
     assert _tree(corpus["root"]) == inputs_before  # inputs are only read
     annotated = pl.read_parquet(str(out / "annotated" / "*.parquet"))
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(str(out))  # manifest.json with its per-shard part
     return {"parent": parent, "out": out, "scratch": scratch, "summary": summary, "annotated": annotated,
             "manifest": manifest}
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -30,7 +31,7 @@ BUCKET = "bucket"
 SPEC = f"s3://{BUCKET}/shards/{{00000..00003}}.tar"
 TMP_PREFIX = ".tmp-"  # pipeline.parquet_io.atomic_output's temp files: a kill may leave some, never final names
 EXPECTED = ("annotated/", "filtered/", "shards/", "embeddings/", "scores/", "results/", "checkpoint/",
-            "keep_keys.parquet", "keep_uids.npy", "manifest.json", "report.html")
+            "keep_keys.parquet", "keep_uids.npy", "manifest.json", "manifest_shards.parquet", "report.html")
 
 
 def _free_port() -> int:
@@ -124,9 +125,10 @@ def test_every_output_lands_in_the_bucket_and_matches_a_local_run(s3, reference,
         assert any(path.startswith(name) for path in in_bucket), f"{name} missing from the bucket"
     assert in_bucket == reference
     assert not [n for n in fs.find(f"{BUCKET}/out") if TMP_PREFIX in n]  # nothing half-written left behind
-    manifest = json.loads(fs.cat_file(f"{BUCKET}/out/manifest.json"))
-    assert [i["url"] for i in manifest["inputs"]] == [f"s3://{BUCKET}/shards/{i:05d}.tar" for i in range(4)]
-    assert all(i["fingerprint"] for i in manifest["inputs"])  # from the objects' ETags
+    with fs.open(f"{BUCKET}/out/manifest_shards.parquet", "rb") as fh:  # the manifest's per-shard part
+        inputs = pq.read_table(fh, columns=["url", "fingerprint"]).to_pylist()
+    assert [i["url"] for i in inputs] == [f"s3://{BUCKET}/shards/{i:05d}.tar" for i in range(4)]
+    assert all(i["fingerprint"] for i in inputs)  # from the objects' ETags
 
 
 def _wait_and_kill(proc: subprocess.Popen, fs, folder: str, timeout: float = 120) -> bool:

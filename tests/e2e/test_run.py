@@ -13,6 +13,8 @@ import webdataset as wds
 
 from conftest import tiny_config
 from bicro_clean.pipeline.fit import sample_positions
+from bicro_clean.pipeline.manifest_shards import read_manifest
+from bicro_clean.pipeline.owner import OutputOwnedError
 from bicro_clean.pipeline.run import run_pipeline
 from bicro_clean.pipeline.score import score_embeddings
 
@@ -71,7 +73,7 @@ def test_filtered_equals_annotated_kept_rows(run):
 
 def test_manifest_lists_every_output_with_its_hash(run):
     out, summary = run
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(str(out))  # manifest.json with its per-shard part, manifest_shards.parquet
     counts = manifest["counts"]
     assert counts["kept"] + counts["dropped"] + counts["errors"] == counts["in"] == sum(counts["by_reason"].values())
     assert len(manifest["inputs"]) == 4 and all(i["fingerprint"] for i in manifest["inputs"])
@@ -132,7 +134,10 @@ def test_changed_output_settings_redo_shards_and_remove_stale_tars(run, shard_di
     out, _ = run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    summary = run_pipeline(_config(shard_dir, copy, out={"maxcount": 100, "keep_embeddings": True}))
+    changed = {"maxcount": 100, "keep_embeddings": True}
+    with pytest.raises(OutputOwnedError, match=r"out\.keep_embeddings False -> True, out\.maxcount 2 -> 100"):
+        run_pipeline(_config(shard_dir, copy, out=changed))  # another configuration's folder: --overwrite
+    summary = run_pipeline(_config(shard_dir, copy, out={**changed, "overwrite": True}))
     assert summary["cached_shards"] == 0
     assert len(list((copy / "shards").glob("*.tar"))) == 4  # one per input shard, stale -00001.tar removed
     annotated = pl.read_parquet(str(copy / "annotated" / "*.parquet"))

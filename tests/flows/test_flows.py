@@ -1,5 +1,7 @@
-"""The clean-shards flow: same outputs as the plain stages, on threads and on Dask. Against a real server (prefect deploy,
-a process worker, a served deployment, the list commands): test_prefect_cli.py."""
+"""The clean-shards flow: same outputs as the plain stages, on threads, on a Dask LocalCluster and on Ray, with the
+default embed settings (decode workers on, which Dask's daemonic worker processes used to refuse). Against a real
+server (prefect deploy, a process worker, a served deployment, the list commands): test_prefect_cli.py; against a
+`dask scheduler` with nanny workers, killed workers included: test_dask_cluster.py."""
 
 from __future__ import annotations
 
@@ -18,9 +20,13 @@ from bicro_clean.pipeline.run import run_pipeline
 BIN = Path(sys.executable).parent
 
 
+# The tiny encoder with the default decode workers (every core): runner paths are tested as users run them.
+EMBED = {k: v for k, v in TINY_EMBED.items() if k != "num_workers"}
+
+
 def _params(shards: Path, out: Path) -> dict:
     return {"input": str(shards / "*.tar"), "output": str(out),
-            "embed": TINY_EMBED, "bicro": TINY_BICRO, "out": {"maxcount": 3}}
+            "embed": EMBED, "bicro": TINY_BICRO, "out": {"maxcount": 3}}
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -63,19 +69,34 @@ def test_flow_on_threads_matches_plain_stages(tiny_shards, tmp_path, reference, 
 
 @pytest.mark.slow
 def test_flow_on_dask_local_cluster_matches_local(tiny_shards, tmp_path, reference, prefect_home, monkeypatch):
-    """2 Dask worker processes (LocalCluster n_workers=2), each streaming its half of the shards through one embed
-    task: byte-identical to the plain stages."""
+    """2 Dask worker processes (LocalCluster n_workers=2, daemonic), each starting its own decode workers for the
+    groups of shards it embeds: byte-identical to the plain stages; the counts come from the groups' results."""
     from bicro_clean.flows.clean_shards import PrefectTasks, run_flow
 
-    batches = []
+    groups = []
     plan = PrefectTasks.shard_batches
-    monkeypatch.setattr(PrefectTasks, "shard_batches", lambda self, shards: batches.extend(plan(self, shards)) or
-                        batches)
+    monkeypatch.setattr(PrefectTasks, "shard_batches", lambda self, shards: groups.extend(plan(self, shards)) or
+                        groups)
     config = CleanConfig.model_validate({**_params(tiny_shards, tmp_path),
                                          "runner": {"kind": "dask", "workers": 2}})
-    run_flow(config)
-    assert [len(batch) for batch in batches] == [2, 2]  # one stream per worker the cluster reported
+    assert config.embed.num_workers >= 1
+    summary = run_flow(config)
+    assert [len(group) for group in groups] == [1, 1, 1, 1]  # 4 groups per worker the cluster reported, at most
     assert _hashes(tmp_path) == reference
+    assert summary["shards"] == 4 and summary["cached_shards"] == 0
+    assert summary["lost_workers"] == [] and summary["retries"] == {}
+
+
+@pytest.mark.slow
+def test_flow_on_ray_matches_local(tiny_shards, tmp_path, reference, prefect_home):
+    """prefect-ray's RayTaskRunner on a local Ray started for the run, default decode workers: the same bytes."""
+    pytest.importorskip("prefect_ray", reason="the Ray runner's extra: pip install 'bicro-clean[ray]'")
+    from bicro_clean.flows.clean_shards import run_flow
+
+    config = CleanConfig.model_validate({**_params(tiny_shards, tmp_path), "runner": {"kind": "ray"}})
+    summary = run_flow(config)
+    assert _hashes(tmp_path) == reference
+    assert summary["shards"] == 4 and summary["in"] == summary["kept"] + summary["dropped"] + summary["errors"]
 
 
 def test_no_temporary_server_is_launched_when_an_api_url_is_configured(tmp_path):
@@ -103,16 +124,20 @@ def test_bad_config_is_rejected_before_any_work(tmp_path):
 # ------------------------------------------------------------------ scale-out: batches, workers, task arguments
 
 
-def test_embed_batches_are_one_contiguous_stream_per_worker():
-    from bicro_clean.flows.clean_shards import PrefectTasks, split_even
+def test_shard_groups_are_contiguous_and_several_per_worker():
+    """Task runs per stage follow the workers, not the shards; groups small enough to rebalance."""
+    from bicro_clean.flows.clean_shards import PrefectTasks
+    from bicro_clean.pipeline.shard_groups import GROUPS_PER_WORKER, split_even
 
-    shards = [f"s{i}.tar" for i in range(7)]
-    assert PrefectTasks(2).shard_batches(shards) == [shards[:4], shards[4:]]
-    assert [len(b) for b in PrefectTasks(3).shard_batches(shards)] == [3, 2, 2]
-    assert PrefectTasks(10).shard_batches(shards[:3]) == [[s] for s in shards[:3]]
-    assert split_even(shards, 1) == [shards]
-    for parts in range(1, 9):
-        assert [s for batch in split_even(shards, parts) for s in batch] == shards  # order kept
+    shards = [f"s{i}.tar" for i in range(300)]
+    groups = PrefectTasks(2).shard_batches(shards)
+    assert len(groups) == 2 * GROUPS_PER_WORKER and {len(g) for g in groups} <= {37, 38}
+    assert len(PrefectTasks(2).shard_batches(shards * 100)) == 2 * GROUPS_PER_WORKER  # 30,000 shards: still 8
+    assert [len(g) for g in PrefectTasks(3).shard_batches(shards[:7])] == [1] * 7
+    assert split_even(shards[:7], 1) == [shards[:7]]
+    assert [len(b) for b in split_even(shards[:7], 3)] == [3, 2, 2]
+    for workers in range(1, 9):
+        assert [s for group in PrefectTasks(workers).shard_batches(shards) for s in group] == shards  # order kept
 
 
 def test_worker_count_follows_the_cluster():
@@ -204,8 +229,8 @@ def test_tasks_get_paths_and_configs_only_and_the_summary_times_each_stage(tiny_
             return super().call(stage, *args)
 
     summary, _ = run_stages(CleanConfig.model_validate(_params(tiny_shards, tmp_path)), Recording())
-    assert [name for name, _ in seen] == ["embed_stage", "fit_stage", "score_stage", "run_wide_values",
-                                          "write_stage", "finalize_stage", "report_stage"]
+    assert [name for name, _ in seen] == ["embed_group", "fit_stage", "score_group", "run_wide_values",
+                                          "write_group", "finalize_stage", "report_stage"]
     for name, args in seen:
         assert _small(args), (name, [type(a) for a in args])
     stages = summary["stage_seconds"]

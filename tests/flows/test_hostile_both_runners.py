@@ -31,6 +31,7 @@ from PIL import Image
 
 from conftest import TINY_BICRO, TINY_EMBED, Member, header_offsets, image_bytes, tar_bytes
 from bicro_clean.pipeline.write import SHARD_REASONS
+from bicro_clean.pipeline.manifest_shards import read_manifest
 
 BIN = Path(sys.executable).parent
 WEIRD = "pipe:touch X;x.tar"  # run as a command, it would create a file X in the working directory
@@ -230,7 +231,7 @@ def runs(corpus, tmp_path_factory) -> dict:
         result["seconds"][name] = _run(config, corpus["root"], out, cwd, *runner)
         result[name] = {"out": out, "cwd": cwd, "hashes": _hashes(out),
                         "annotated": pl.read_parquet(str(out / "annotated" / "*.parquet")),
-                        "manifest": json.loads((out / "manifest.json").read_text())}
+                        "manifest": read_manifest(str(out))}
     assert _hashes(corpus["root"]) == inputs_before  # inputs are only read
     print(f"\nrun times: {result['seconds']}")
     return result

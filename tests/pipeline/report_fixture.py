@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import image_folder, tiny_config
 from bicro_clean.pipeline.config import CleanConfig
@@ -174,3 +177,26 @@ def slider_data(page: str) -> dict:
     found = re.search(r'<script type="application/json" id="threshold-data">(.*?)</script>', page, re.S)
     assert found, "no slider data in the page"
     return json.loads(found.group(1))
+
+
+# ---------------------------------------------------------------- headless Chromium (report browser tests)
+
+BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                 "--disable-component-update", "--disable-sync")
+
+
+def chromium() -> str:
+    """The chromium binary on PATH; skips the calling test when there is none."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.skip("no chromium binary on PATH (chromium, chromium-browser, google-chrome): "
+                "apt-get install -y chromium to run the browser tests")
+
+
+def dump_dom(page: Path, profile: Path) -> str:
+    """The DOM of a local HTML file after its scripts ran (file://, no network), as Chromium serialises it."""
+    done = subprocess.run([chromium(), *BROWSER_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout

@@ -18,7 +18,7 @@ from bicro_clean.models.encoders import ImageTransform, load_encoder
 from bicro_clean.pipeline import device_decode, embed, resume
 from bicro_clean.pipeline.embed import embed_key, embed_shards
 from bicro_clean.pipeline.make_shards import make_shards
-from bicro_clean.pipeline.parquet_io import input_fingerprint
+from bicro_clean.pipeline.parquet_io import shard_fingerprint
 from conftest import ShardFactory, image_folder, tiny_config
 
 # Measured on these shards with the tiny encoder (64 px input): per-row cosine between the CPU path (PIL reduced
@@ -163,7 +163,7 @@ def test_default_cpu_key_is_the_old_key(jpeg_shards, tmp_path):
     config = _config(jpeg_shards, tmp_path)
     shard = sorted(glob.glob(jpeg_shards))[0]
     embed_settings = {"encoder": "tiny", "autocast": True, "dtype": "float16"}  # the key's embed part before
-    old = resume.stage_key(input_fingerprint(shard), encoder.describe(), config.reader.digest(), embed_settings,
+    old = resume.stage_key(shard_fingerprint(shard), encoder.describe(), config.reader.digest(), embed_settings,
                            {"jpeg_reduced_decode_side": 64})
     assert embed_key(shard, encoder, config) == old
     assert embed_key(shard, encoder, _config(jpeg_shards, tmp_path, jpeg_decode="cpu")) == old

@@ -22,6 +22,7 @@ from bicro_clean.pipeline.decode import read_shard
 from bicro_clean.pipeline.embed import _row
 from bicro_clean.pipeline.finalize import KEEP_UIDS, UID_DTYPE, uid_words, write_keep_uids
 from bicro_clean.pipeline.layout import embedding_path
+from bicro_clean.pipeline.manifest_shards import read_manifest
 from bicro_clean.pipeline.run import run_pipeline
 from bicro_clean.pipeline.shards import canonical_url, shard_id
 
@@ -171,6 +172,22 @@ def test_keep_uids_is_written_and_recorded_in_the_manifest(uid_run):
 def test_no_keep_uids_without_uids(tiny_shards, tmp_path):
     run_pipeline(tiny_config(str(tiny_shards / "*.tar"), tmp_path, select={"keep_fraction": 0.5}))
     assert not (tmp_path / KEEP_UIDS).exists()
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest = read_manifest(str(tmp_path))
     assert "keep_uids" not in {o["kind"] for o in manifest["outputs"]}
     assert pq.read_table(tmp_path / "keep_keys.parquet")["uid"].null_count == manifest["counts"]["kept"]
+
+
+def test_keep_uids_merged_from_sorted_runs_is_np_save_of_the_sorted_array(tmp_path, monkeypatch):
+    from bicro_clean.pipeline import uid_merge
+
+    monkeypatch.setattr(uid_merge, "RUN_ROWS", 37)  # many runs, merged in small blocks
+    monkeypatch.setattr(uid_merge, "BLOCK_ROWS", 5)
+    rng = np.random.default_rng(0)
+    uids = [f"{int(h):016x}{int(l):016x}" for h, l in zip(rng.integers(0, 4, 500), rng.integers(0, 2**63, 500))]
+    uids += uids[:20]  # repeated uids stay, in order
+    target = str(tmp_path / KEEP_UIDS)
+    assert write_keep_uids(_keep_keys(tmp_path / "k.parquet", uids), target) == 520
+    words = uid_words(pa.array(uids))
+    expected = tmp_path / "expected.npy"
+    np.save(expected, words[np.lexsort((words["f1"], words["f0"]))])
+    assert open(target, "rb").read() == expected.read_bytes()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,10 +23,11 @@ from scipy.stats import rankdata, spearmanr
 from sklearn.metrics import roc_auc_score
 
 from conftest import image_folder, tiny_config
-from report_fixture import Options, build_run, config_of, slider_data
+from report_fixture import BROWSER_FLAGS, Options, build_run, chromium, config_of, slider_data
 from bicro_clean.models.bicro import BiCroModel
 from bicro_clean.models.diagnostics import mixture_density, normalised_losses
 from bicro_clean.pipeline.make_shards import make_shards
+from bicro_clean.pipeline.manifest_shards import read_manifest
 from bicro_clean.pipeline.report import compare, write_report
 from bicro_clean.pipeline.report.page import SELECT_REASONS, reason_table, reason_text, score_text
 from bicro_clean.pipeline.report.scan import Rule, annotated_paths, binned_auroc, scan_annotated
@@ -314,7 +314,7 @@ def run(tmp_path_factory) -> Path:
 
 def test_whole_run_report_leads_with_clean_score(run):
     page = _page(run)
-    manifest = json.loads((run / "manifest.json").read_text())
+    manifest = read_manifest(str(run))  # with its per-shard part: the annotated files' paths
     for section in SECTIONS:
         assert section in page
     assert page.count("<svg") >= 10  # 2 histograms, 6 threshold curves, one mixture per network
@@ -354,17 +354,9 @@ def test_normalised_losses_match_the_models_own_p_clean(run):
 # ---------------------------------------------------------------- rendered in a real browser
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("/usr/bin/chromium")
-    if not found:
-        pytest.skip("chromium not installed: apt-get install -y chromium")
-    return found
-
-
 def _browser(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
-    return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=120, check=True)
+    return subprocess.run([chromium(), *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+                          capture_output=True, text=True, timeout=120, check=True)
 
 
 def test_report_renders_in_headless_chromium(truth_run, tmp_path):

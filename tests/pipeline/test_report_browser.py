@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from report_fixture import build_run, slider_data
+from report_fixture import build_run, dump_dom, slider_data
 
 pytestmark = pytest.mark.slow  # two small runs' reports plus three browser starts: ~15 s on 2 cores
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-         "--disable-component-update", "--disable-sync")
 
 # Runs after the report's own script: record the readouts, move the slider to the top and to the bottom, switch
 # the column to p_clean, then back to the run's column (clean_score), recording each time. The results land in
@@ -60,15 +56,6 @@ PROBE = """<script>
 </script>"""
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.skip("no chromium binary on PATH (chromium, chromium-browser, google-chrome): "
-                "apt-get install -y chromium to run the browser test")
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     """A small run's report (report_fixture: 25% caption noise, truth_clean known, aligned encoder, top half by
@@ -76,20 +63,14 @@ def report(tmp_path_factory) -> Path:
     return build_run(tmp_path_factory.mktemp("run")) / "report.html"
 
 
-def _dump(browser: str, page: Path, profile: Path) -> str:
-    done = subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
-                          capture_output=True, text=True, timeout=120, check=True)
-    return done.stdout
-
-
-def _probe(browser: str, report: Path, tmp_path: Path) -> dict:
+def _probe(report: Path, tmp_path: Path) -> dict:
     """The report with PROBE appended, opened in the browser: the probe's log."""
     page = report.read_text(encoding="utf-8")
     assert page.count("</body>") == 1
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
     # The report's own CSP allows inline scripts only, so the probe runs like the report's script does.
-    dom = _dump(browser, probed, tmp_path / "profile")
+    dom = dump_dom(probed, tmp_path / "profile")
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert found, "the probe script did not run: " + dom[-2000:]
     return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
@@ -103,8 +84,7 @@ def _kept_at(column: dict, threshold: float) -> int:
 
 
 def test_slider_moves_update_the_kept_count(report, tmp_path):
-    browser = _chromium()
-    log = _probe(browser, report, tmp_path)
+    log = _probe(report, tmp_path)
 
     def kept(state: dict) -> int:
         return int(state["th-kept"].replace(",", ""))
@@ -127,7 +107,7 @@ def test_slider_moves_update_the_kept_count(report, tmp_path):
 
 
 def test_plain_report_runs_its_script_without_errors(report, tmp_path):
-    dom = _dump(_chromium(), report, tmp_path / "profile")
+    dom = dump_dom(report, tmp_path / "profile")
     kept = re.search(r'id="th-kept">([^<]*)<', dom)
     assert kept and re.fullmatch(r"[\d,]+", kept.group(1))  # filled in by the script on load
     assert len(re.findall(r'class="th-pair (keep|drop)"', dom)) > 0

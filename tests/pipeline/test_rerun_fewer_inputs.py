@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bicro_clean.pipeline.manifest_shards import read_manifest
 from bicro_clean.pipeline.run import run_pipeline
 from conftest import tiny_config
 
@@ -20,7 +21,7 @@ def test_rerun_with_fewer_shards_keeps_only_its_outputs(tiny_shards: Path, tmp_p
     run_pipeline(tiny_config(every, out), report=False)
     before = {folder: _files(out, folder) for folder in ("annotated", "filtered", "shards", "results")}
     run_pipeline(tiny_config(every[:2], out), report=False)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(str(out))
     listed = {o["path"] for o in manifest["outputs"]}
     for folder in ("annotated", "filtered", "shards"):
         assert _files(out, folder) == {p for p in listed if p.startswith(folder + "/")}, folder

@@ -341,5 +341,5 @@ def test_reading_is_streamed(shards, good_sample):
 def test_reason_table_is_complete():
     codes = {"missing_image", "missing_caption", "empty_caption", "caption_not_utf8", "caption_too_long",
              "decode_error", "image_too_large", "invalid_json", "duplicate_key", "unsafe_member_name",
-             "non_file_member", "shard_truncated", "shard_corrupt", "shard_unreadable"}
+             "non_file_member", "shard_truncated", "shard_corrupt", "shard_unreadable", "member_too_large"}
     assert codes <= set(REASONS) and all(len(text) > 10 for text in REASONS.values())

@@ -138,7 +138,8 @@ def _run_overrides(**flags: Any) -> dict[str, Any]:
              "keep_fraction": "select.keep_fraction", "keep_embeddings": "out.keep_embeddings",
              "maxcount": "out.maxcount", "maxsize": "out.maxsize", "fit_sample": "bicro.fit_sample",
              "epochs": "bicro.epochs", "allow_pipe": "reader.allow_pipe", "runner": "runner.kind",
-             "dask_address": "runner.dask_address", "runner_workers": "runner.workers",
+             "dask_address": "runner.dask_address", "ray_address": "runner.ray_address",
+             "runner_workers": "runner.workers",
              "overwrite": "out.overwrite", "checkpoint": "checkpoint"}
     return {names[k]: (v or None) if k == "input" else v for k, v in flags.items()}
 
@@ -165,6 +166,8 @@ def run_cmd(
     runner: Optional[str] = opt("runner.kind", "--runner", help="local | dask | ray | none (no Prefect)."),
     dask_address: Optional[str] = opt("runner.dask_address", "--dask-address",
                                       help="tcp://scheduler:8786 (none: a LocalCluster)."),
+    ray_address: Optional[str] = opt("runner.ray_address", "--ray-address",
+                                     help="HEAD:6379, auto or ray://HEAD:10001 (none: a local Ray)."),
     runner_workers: Optional[int] = opt("runner.workers", "--runner-workers",
                                         help="Concurrent tasks / LocalCluster workers."),
     overwrite: Optional[bool] = OVERWRITE_OPT,

@@ -88,6 +88,16 @@ def kill_descendants() -> int:
     return len(children)
 
 
+def _no_new_children() -> None:
+    """Take the lock every decode-worker start holds (models.encoders.LOAD_LOCK) and keep it: a stage thread still
+    running would otherwise fork the next group's decode workers between the kill below and this process's exit,
+    and they would outlive it for the seconds their parent check takes. A model build may hold the lock; the stop
+    waits at most REAP_SECONDS for it."""
+    encoders = sys.modules.get("bicro_clean.models.encoders")  # not imported yet: no decode worker can exist
+    if encoders is not None:
+        encoders.LOAD_LOCK.acquire(timeout=REAP_SECONDS)
+
+
 def stop(signum: int) -> None:
     """Say why in one line, kill the descendants, exit with 128 + signum (never returns)."""
     name = signal.Signals(signum).name
@@ -98,5 +108,6 @@ def stop(signum: int) -> None:
         os.write(2, line.encode())  # not sys.stderr: the main thread may hold its lock
     except (OSError, ValueError):
         pass
+    _no_new_children()
     kill_descendants()
     os._exit(128 + signum)

@@ -9,11 +9,14 @@ unfinished shards, a killed run resumes by simply running again, and a task can 
 output location. Task arguments and results are paths, configs and small records: no model is pickled into a
 task, each worker process builds its own encoder and BiCro model once (models.encoders.shared_encoder,
 pipeline.score.shared_model). Each group's result says whether it was retried; on Dask the scheduler's
-remove-worker events name the workers lost while running a group (`PrefectTasks.map`).
+remove-worker events name the workers lost while running a group (`PrefectTasks.map`). On Ray the model stages'
+tasks (embed, fit, score) request a GPU where the run can use one (flows/runners.py), and the fit then runs as
+a task, on a GPU node, instead of in the flow's process.
 """
 
 # No `from __future__ import annotations`: Prefect resolves the flow signature (CleanConfig) at run time.
 
+import contextlib
 import logging
 from typing import Any, Callable, TypeVar
 
@@ -28,12 +31,12 @@ from prefect.runtime import task_run
 
 from bicro_clean.flows import cluster_events
 from bicro_clean.flows.ephemeral import api_for_flow
-from bicro_clean.flows.runners import task_runner_for, worker_count
-from bicro_clean.pipeline import select
+from bicro_clean.flows.runners import ray_remote_options, task_runner_for, warn_shared_gpus, worker_count
+from bicro_clean.pipeline import progress, select
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.finalize import finalize_stage
 from bicro_clean.pipeline.fit import fit_stage
-from bicro_clean.pipeline.run import report_stage, run_stages
+from bicro_clean.pipeline.run import report_scan, report_stage, run_stages
 from bicro_clean.pipeline.shard_groups import GroupResult, embed_group, plan_groups, score_group, write_group
 from bicro_clean.pipeline.shards import shard_id
 
@@ -68,6 +71,30 @@ def write(shards: list[str], config: CleanConfig, run_wide: select.RunWide) -> G
     return _counted(write_group(shards, config, run_wide))
 
 
+class _Recorded:
+    """A progress sink that keeps what a stage reported, for the process that holds the display to replay."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, int, int, int]] = []
+
+    def report(self, stage: str, advance: int, total: int, items: int) -> None:
+        self.reports.append((stage, advance, total, items))
+
+    def stage_done(self, stage: str, seconds: float, tally: Any = None) -> None:
+        pass
+
+
+def fit_elsewhere(config: CleanConfig, embedding_paths: list[str]) -> tuple[str, list[tuple[str, int, int, int]]]:
+    """The fit as a task in another process (a Ray GPU worker, which runs one task at a time): the checkpoint path
+    and the fit's progress reports (epochs, pairs), which the stage's line is made of."""
+    recorded = _Recorded()
+    previous = progress.install(recorded)
+    try:
+        return fit_stage(config, embedding_paths), recorded.reports
+    finally:
+        progress.install(previous)
+
+
 # Each stage function once as a task, under the name the UI and logs show.
 TASKS = {
     embed_group: task(embed, name="embed", task_run_name=_group_name, **IO_RETRIES),
@@ -76,8 +103,11 @@ TASKS = {
     select.run_wide_values: task(select.run_wide_values, name="run-wide-values"),
     write_group: task(write, name="write", task_run_name=_group_name, **IO_RETRIES),
     finalize_stage: task(finalize_stage, name="finalize"),
+    report_scan: task(report_scan, name="report-scan", **IO_RETRIES),
     report_stage: task(report_stage, name="report"),
 }
+MODEL_STAGES = (embed_group, fit_stage, score_group)  # the stages that run the encoder or the BiCro model
+FIT_ELSEWHERE = task(fit_elsewhere, name="fit")
 
 
 class PrefectTasks:
@@ -85,8 +115,9 @@ class PrefectTasks:
     worker), the others as single tasks in the flow's process. On Dask, `map` also asks the scheduler which
     workers were lost while running a group and records them in that group's result."""
 
-    def __init__(self, workers: int = 1, task_runner: Any = None) -> None:
+    def __init__(self, workers: int = 1, task_runner: Any = None, placement: dict[str, Any] | None = None) -> None:
         self.workers = workers
+        self.placement = placement or {}  # Ray resources of a model stage's task: {"num_gpus": 1} on GPU clusters
         self.client = cluster_events.dask_client(task_runner)
         self.known: dict[str, dict[str, Any]] = {}  # every worker seen, by address (a lost one is gone from the list)
 
@@ -96,14 +127,29 @@ class PrefectTasks:
     def map(self, stage: Callable[..., T], items: list[Any], *shared: Any) -> list[T]:
         if self.client is not None:
             self.known.update(cluster_events.worker_names(self.client))
-        futures = TASKS[stage].map(items, *[unmapped(value) for value in shared])
+        with self._placed(stage):
+            futures = TASKS[stage].map(items, *[unmapped(value) for value in shared])
         results = futures.result()
         if self.client is not None:
             self._note_lost_workers(futures, results)
         return results
 
     def call(self, stage: Callable[..., T], *args: Any) -> T:
+        if stage is fit_stage and self.placement:  # fit on a Ray GPU worker, not in the flow's process
+            with self._placed(stage):
+                path, reports = FIT_ELSEWHERE.submit(*args).result()
+            for report in reports:  # the fit's line (pairs, epochs) where the display is
+                progress.report(*report)
+            return path  # type: ignore[return-value]
         return TASKS[stage](*args)
+
+    def _placed(self, stage: Callable[..., Any]) -> Any:
+        """Ray's remote options (GPU requests) around the submission of a model stage's tasks."""
+        if stage not in MODEL_STAGES or not self.placement:
+            return contextlib.nullcontext()
+        from prefect_ray.context import remote_options
+
+        return remote_options(**self.placement)
 
     def _note_lost_workers(self, futures: Any, results: list[Any]) -> None:
         keys = {future.wrapped_future.key: i for i, future in enumerate(futures)
@@ -149,7 +195,9 @@ def clean_shards(config: CleanConfig) -> dict[str, Any]:
     """embed (mapped) -> fit -> score (mapped) -> run-wide values -> write (mapped) -> finalize -> report."""
     context = FlowRunContext.get()
     runner = context.task_runner if context else None
-    executor = PrefectTasks(worker_count(config.runner, runner), runner)
+    executor = PrefectTasks(worker_count(config.runner, runner), runner,
+                            ray_remote_options(config.runner, config.embed.device, runner))
+    warn_shared_gpus(executor.client, config.embed.device)
     try:
         summary, _ = run_stages(config, executor)
     finally:

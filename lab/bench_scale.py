@@ -12,7 +12,12 @@ each in a fresh interpreter so that its peak RSS is its own:
                    functions but without its tars (there are no input shards): a per-shard stage, run here one
                    shard after another
     finalize       pipeline.finalize.finalize_stage: keep_keys.parquet, keep_uids.npy, manifest
-    report         pipeline.report.write_report: report.html (thumbnails are missing: there are no input shards)
+    report_plan    pipeline.report.report_plan: the manifest, the rule and every score column's range from the
+                   annotated files' footers (single process, in the flow's process in a run)
+    report_scan    pipeline.report.report_scan over REPORT_GROUPS groups of annotated files, one after another: the
+                   report's per-row work, which a run maps over groups as tasks (distributed)
+    report_merge   pipeline.report.write_report given the groups' partials: merged and written as report.html
+                   (the single report task; thumbnails are missing: there are no input shards)
 
 Per stage: wall `seconds`, `cpu_seconds` (user + system of the whole process, every thread), `peak_rss_mib`
 (the process's high-water mark), `rss_after_imports_mib` (what the imports alone hold), `rows` and
@@ -36,7 +41,8 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("generate", "fit", "select", "write_outputs", "finalize", "report")
+STAGES = ("generate", "fit", "select", "write_outputs", "finalize", "report_plan", "report_scan", "report_merge")
+REPORT_GROUPS = 16  # the groups a run with 4 workers maps the report's scan over (pipeline.shard_groups)
 KEEP_FRACTION = 0.7
 
 
@@ -118,17 +124,39 @@ def _finalize(root: Path) -> dict[str, Any]:
     return {"rows": _plan(root)["rows"]}
 
 
-def _report(root: Path) -> dict[str, Any]:
+def _report_plan(root: Path) -> dict[str, Any]:
+    from bicro_clean.pipeline.report import report_plan
+
+    plan = report_plan(_config(root), (root / "manifest.txt").read_text())
+    (root / "report_plan.pkl").write_bytes(pickle.dumps(plan))
+    return {"rows": _plan(root)["rows"], "files": len(plan[0])}
+
+
+def _report_scan(root: Path) -> dict[str, Any]:
+    from bicro_clean.pipeline.report import report_scan
+    from bicro_clean.pipeline.shard_groups import split_even
+
+    paths, setup = pickle.loads((root / "report_plan.pkl").read_bytes())
+    partials = [report_scan(group, setup) for group in split_even(paths, REPORT_GROUPS)]
+    blob = pickle.dumps(partials)
+    (root / "report_partials.pkl").write_bytes(blob)
+    return {"rows": _plan(root)["rows"], "groups": len(partials),
+            "partial_kib": round(len(blob) / 1024 / max(len(partials), 1))}
+
+
+def _report_merge(root: Path) -> dict[str, Any]:
     from bicro_clean.pipeline.report import write_report
 
     logging.getLogger("bicro_clean.pipeline.report.thumbnails").setLevel(logging.ERROR)  # no input shards
-    write_report(_config(root), (root / "manifest.txt").read_text())
+    _, setup = pickle.loads((root / "report_plan.pkl").read_bytes())
+    partials = pickle.loads((root / "report_partials.pkl").read_bytes())
+    write_report(_config(root), (root / "manifest.txt").read_text(), (setup, partials))
     return {"rows": _plan(root)["rows"]}
 
 
 RUNNERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "generate": _generate, "fit": _fit, "select": _select, "write_outputs": _write_outputs,
-    "finalize": _finalize, "report": _report}
+    "finalize": _finalize, "report_plan": _report_plan, "report_scan": _report_scan, "report_merge": _report_merge}
 
 
 def _rss_mib() -> float:

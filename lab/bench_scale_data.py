@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from bicro_clean.pipeline import resume, select
 from bicro_clean.pipeline.config import CleanConfig
-from bicro_clean.pipeline.embed_table import base_schema, fixed_list
+from bicro_clean.pipeline.embed_table import EMBED_ROW_GROUP_ROWS, base_schema, fixed_list
 from bicro_clean.pipeline.layout import annotated_path, embedding_path, filtered_path, result_path, scores_path
 from bicro_clean.pipeline.parquet_io import digest, package_version, write_parquet_atomic
 from bicro_clean.pipeline.score import ANCHOR_COLUMNS, DOUBLE_SCORES, FLOAT_SCORES, score_schema
@@ -76,7 +76,7 @@ def write_embeddings(config: CleanConfig, shard: str, number: int, n: int, dim: 
     meta = {"stage": "embed", resume.KEY: digest("synthetic", shard, n, dim, seed), "encoder": encoder(dim),
             "shard": shard, "config_hash": "synthetic", "reader_hash": "synthetic",
             "package_version": package_version(), "samples": n, "errors": errors}
-    write_parquet_atomic(table, path, meta)
+    write_parquet_atomic(table, path, meta, EMBED_ROW_GROUP_ROWS)  # as the embed stage writes them
     return path
 
 

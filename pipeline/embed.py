@@ -40,7 +40,7 @@ from bicro_clean.pipeline.device_decode import (
     resolve_chunk,
 )
 from bicro_clean.pipeline import progress, resume
-from bicro_clean.pipeline.embed_table import embed_table as _embed_table
+from bicro_clean.pipeline.embed_table import EMBED_ROW_GROUP_ROWS, embed_table as _embed_table
 from bicro_clean.pipeline.layout import embedding_path
 from bicro_clean.pipeline.parquet_io import (
     cpu_threads,
@@ -266,7 +266,7 @@ def _write_shard(acc: _ShardAccumulator, shard: str, path: str, key: str, encode
             "input": source, "encoder": encoder.describe(), "shard": shard,
             "config_hash": config.embed.digest(), "reader_hash": config.reader.digest(),
             "package_version": package_version(), "samples": len(acc.rows), "errors": sum(reasons.values())}
-    write_parquet_atomic(table, path, meta)
+    write_parquet_atomic(table, path, meta, EMBED_ROW_GROUP_ROWS)
     return ShardResult(shard, path, len(acc.rows), len(acc.rows) - sum(reasons.values()),
                        sum(reasons.values()), cached=False, reasons=reasons)
 

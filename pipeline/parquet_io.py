@@ -64,13 +64,15 @@ def atomic_output(path: str) -> Iterator[str]:
             fs.rm(tmp)
 
 
-def write_parquet_atomic(table: pa.Table, path: str, meta: dict[str, Any]) -> None:
+def write_parquet_atomic(table: pa.Table, path: str, meta: dict[str, Any], row_group_rows: int | None = None) -> None:
+    """`table` with bicro-clean `meta` at `path`, all at once or not at all; `row_group_rows` caps a row group
+    (None: Parquet's default, up to 1M rows)."""
     schema_meta = dict(table.schema.metadata or {})
     schema_meta[METADATA_KEY] = json.dumps(meta, sort_keys=True).encode()
     table = table.replace_schema_metadata(schema_meta)
     with atomic_output(path) as tmp:
         with fsspec.open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
+            pq.write_table(table, fh, compression="zstd", row_group_size=row_group_rows)
 
 
 def read_columns(path: str, columns: list[str] | None) -> pa.Table:

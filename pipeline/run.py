@@ -21,7 +21,7 @@ from bicro_clean.pipeline.finalize import finalize_stage, total_counts
 from bicro_clean.pipeline.fit import fit_stage, run_encoder
 from bicro_clean.pipeline.outlock import output_lock
 from bicro_clean.pipeline.parquet_io import digest
-from bicro_clean.pipeline.report import write_report
+from bicro_clean.pipeline.report import Scans, report_plan, report_scan, write_report
 from bicro_clean.pipeline.shards import expand_shard_spec, shard_id
 from bicro_clean.pipeline.shard_groups import GroupResult, embed_group, score_group, write_group
 
@@ -61,8 +61,16 @@ def input_shards(config: CleanConfig, note: bool = True) -> list[str]:
                                 note)
 
 
-def report_stage(config: CleanConfig, manifest_path: str) -> str:
-    return write_report(config, manifest_path)
+def report_stage(config: CleanConfig, manifest_path: str, scans: Scans | None = None) -> str:
+    return write_report(config, manifest_path, scans)
+
+
+def mapped_report(executor: Executor, config: CleanConfig, manifest_path: str) -> str:
+    """The report's per-row scan mapped over groups of annotated files; one task merges the small partials and
+    writes the page (the same bytes as one pass)."""
+    paths, setup = report_plan(config, manifest_path)
+    partials = executor.map(report_scan, executor.shard_batches(paths), setup)
+    return executor.call(report_stage, config, manifest_path, (setup, partials))
 
 
 class StageClock:
@@ -128,7 +136,7 @@ def _run_stages(config: CleanConfig, executor: Executor, shards: list[str],
     execution = shard_groups.execution(embeds + scored + writes)
     manifest = clock("finalize", executor.call, finalize_stage, config, [shard_id(s) for s in shards], checkpoint,
                      execution or None)
-    report_path = clock("report", executor.call, report_stage, config, manifest) if report else None
+    report_path = clock("report", mapped_report, executor, config, manifest) if report else None
     summary = {"output": config.output, "manifest": manifest, "checkpoint": checkpoint, "report": report_path,
                "shards": len(written), "cached_shards": sum(w["cached"] for w in written), **total_counts(written),
                "lost_workers": [], "retries": {}, **execution, **clock.summary()}

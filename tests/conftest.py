@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Union
 import psutil
 import pytest
 from PIL import Image
+from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from bicro_clean.pipeline.config import CleanConfig
@@ -159,3 +160,14 @@ def session_processes(sid: int) -> list[psutil.Process]:
         except (psutil.Error, OSError):  # gone or not ours to inspect
             continue
     return alive
+
+
+def config_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every leaf field of a config model, dotted (`embed.encoder`), excluded ones included."""
+    out = set()
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out |= config_fields(field.annotation, f"{prefix}{name}.")
+        else:
+            out.add(prefix + name)
+    return out

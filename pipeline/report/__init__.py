@@ -9,6 +9,9 @@ main histogram, the galleries' ranking and the slider's starting column.
 
 Memory stays bounded by one shard: histograms and gallery picks are aggregated per annotated file, the loss
 sample is scored per embeddings file, and thumbnails are cut while streaming only the shards that hold them.
+The per-row scan can run mapped over groups of annotated files (`report_plan`, then `report_scan` per group, then
+`write_report` given the partials): the merge is exact, so the page is the same bytes however the files were
+grouped.
 
     scan         the selection rule as applied; histograms, per-shard counts and gallery picks
     threshold    per score column: fine histograms (with truth) and example pairs, for choosing a threshold
@@ -36,22 +39,41 @@ from bicro_clean.pipeline.manifest_shards import with_shards
 from bicro_clean.pipeline.parquet_io import atomic_output, join
 from bicro_clean.pipeline.report.diagnostics import loss_diagnostics
 from bicro_clean.pipeline.report.page import render_page
-from bicro_clean.pipeline.report.scan import Rule, annotated_paths, scan_annotated
+from bicro_clean.pipeline.report.scan import (Rule, ScanPartial, ScanSetup, annotated_paths, merge_scans,
+                                              scan_annotated, scan_files, scan_setup)
 from bicro_clean.pipeline.report.threshold import example_rows
 from bicro_clean.pipeline.report.thumbnails import fetch_thumbnails, shard_urls
 from bicro_clean.pipeline.writers import read_json
 
-__all__ = ["build_report", "write_report"]
+__all__ = ["build_report", "report_plan", "report_scan", "write_report"]
+Scans = tuple[ScanSetup, list[ScanPartial]]  # the setup and every group's partial, in file order
 
 logger = logging.getLogger(__name__)
 
 
-def write_report(config: CleanConfig, manifest_path: str) -> str:
-    """Write `OUTPUT/report.html` atomically from the run's manifest and outputs; returns its path."""
+def _manifest(config: CleanConfig, manifest_path: str) -> dict[str, Any]:
     manifest = with_shards(read_json(manifest_path), config.output)  # inputs and outputs from the shards table
     if not isinstance(manifest, dict):
         raise FileNotFoundError(f"no readable manifest at {manifest_path}")
-    page = build_report(config, manifest)
+    return manifest
+
+
+def report_plan(config: CleanConfig, manifest_path: str) -> tuple[list[str], ScanSetup]:
+    """The annotated files to scan, and what every group's scan needs (the rule, seed and bin ranges)."""
+    manifest = _manifest(config, manifest_path)
+    paths = annotated_paths(config, manifest)
+    return paths, scan_setup(paths, Rule.from_run(config, manifest), config.bicro.seed)
+
+
+def report_scan(paths: list[str], setup: ScanSetup) -> ScanPartial:
+    """The report's per-row work over one group of annotated files: a small partial."""
+    return scan_files(paths, setup)
+
+
+def write_report(config: CleanConfig, manifest_path: str, scans: Scans | None = None) -> str:
+    """Write `OUTPUT/report.html` atomically from the run's manifest and outputs; returns its path. `scans`: the
+    groups' partials from `report_scan` (without them the files are scanned here, in one pass)."""
+    page = build_report(config, _manifest(config, manifest_path), scans)
     path = join(config.output, REPORT)
     with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as fh:
         fh.write(page.encode("utf-8"))
@@ -59,10 +81,13 @@ def write_report(config: CleanConfig, manifest_path: str) -> str:
     return path
 
 
-def build_report(config: CleanConfig, manifest: dict[str, Any]) -> str:
+def build_report(config: CleanConfig, manifest: dict[str, Any], scans: Scans | None = None) -> str:
     """The whole HTML page as a string."""
     rule = Rule.from_run(config, manifest)
-    stats, picks = scan_annotated(annotated_paths(config, manifest), rule, config.bicro.seed)
+    if scans is None:
+        stats, picks = scan_annotated(annotated_paths(config, manifest), rule, config.bicro.seed)
+    else:
+        stats, picks = merge_scans(*scans)
     losses = loss_diagnostics(config, manifest)
     small: dict[str, set[str]] = {}
     for row in example_rows(stats.bins):  # the threshold slider's example pairs, cut small

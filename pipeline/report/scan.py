@@ -2,7 +2,10 @@
 counts the plots and cards need (`Stats`: the selection column's histogram and AUROC, clean_score next to
 encoder_cosine), and the rows of the three galleries, ranked by the selection column.
 
-Per-file aggregation into fixed-size arrays keeps memory bounded by one annotated file.
+Per-file aggregation into fixed-size arrays keeps memory bounded by one annotated file. The scan runs mapped
+over groups of files (`scan_files`, one small `ScanPartial` per group: histograms, at most GALLERY_SIZE picks per
+gallery, the example candidates and the bounded pair sample); `merge_scans` adds the partials in file order and
+gets exactly what one pass over every file would.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import pyarrow.parquet as pq
 
 from bicro_clean.pipeline.config import COSINE_COLUMNS, CleanConfig
 from bicro_clean.pipeline.parquet_io import join
-from bicro_clean.pipeline.report.compare import COMPARED, PairSample
-from bicro_clean.pipeline.report.threshold import SCORE_COLUMNS, ScoreBins, add_bins, column_ranges
+from bicro_clean.pipeline.report.compare import COMPARED, SAMPLE, PairSample
+from bicro_clean.pipeline.report.threshold import (SCORE_COLUMNS, ScoreBins, add_bins, bin_ranges, bins_like,
+                                                   column_ranges, merge_bins)
 
 GALLERY_SIZE = 12
 HIST_BINS = 40
@@ -72,6 +76,9 @@ class Stats:
         ("rows", "noisy", "kept", "kept_clean", "clean_scored"), 0))
     scored: int = 0
     kept_clean_score: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum and count over kept pairs
+    # each file's sum of kept clean_score, in file order: the merge adds them one by one, as one pass would (a
+    # float sum depends on its order)
+    kept_sums: list[float] = field(default_factory=list)
     bins: ScoreBins = field(default_factory=ScoreBins)
     pairs: PairSample = field(default_factory=PairSample)  # clean_score vs encoder_cosine, for the agreement
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard id -> counts and top reasons
@@ -126,6 +133,7 @@ def add_stats(stats: Stats, rows: dict[str, np.ndarray], rule: Rule, prio: np.nd
     kept_score = rows["clean_score"][rows["decision"] == "keep"]
     kept_score = kept_score[np.isfinite(kept_score)]
     stats.kept_clean_score[0] += float(kept_score.sum())
+    stats.kept_sums.append(float(kept_score.sum()))
     stats.kept_clean_score[1] += len(kept_score)
     stats.pairs.add(rows["clean_score"][scored], rows["encoder_cosine"][scored], prio[scored])
     add_truth(stats, rows, scored)
@@ -236,15 +244,88 @@ def merge_picks(into: dict[str, list[Pick]], new: dict[str, list[Pick]]) -> None
         into[name] = heapq.nsmallest(GALLERY_SIZE, into.get(name, []) + picks, key=lambda p: p[0])
 
 
-def scan_annotated(paths: list[str], rule: Rule, seed: int) -> tuple[Stats, dict[str, list[dict[str, Any]]]]:
-    """One pass over the annotated files: summed histograms and the three galleries' rows."""
-    bins = column_ranges(paths, rule.column)
-    stats, picks = Stats(bins=bins, auc=auc_columns(rule, bins)), {}
+@dataclass(frozen=True)
+class ScanSetup:
+    """What every mapped scan needs, the same for all groups: the rule, the seed and each score column's run-wide
+    bin range (from the files' footers, before the scan)."""
+
+    rule: Rule
+    seed: int
+    ranges: dict[str, tuple[float, float]]
+
+
+@dataclass
+class ScanPartial:
+    """One group of annotated files, scanned: sizes independent of its rows (the pair sample at most SAMPLE)."""
+
+    stats: Stats
+    picks: dict[str, list[Pick]]
+
+
+def scan_setup(paths: list[str], rule: Rule, seed: int) -> ScanSetup:
+    return ScanSetup(rule, seed, bin_ranges(column_ranges(paths, rule.column)))
+
+
+def _empty_stats(setup: ScanSetup) -> Stats:
+    bins = bins_like(setup.ranges)
+    return Stats(bins=bins, auc=auc_columns(setup.rule, bins))
+
+
+def scan_files(paths: list[str], setup: ScanSetup) -> ScanPartial:
+    """The per-row work over one group of annotated files (a mapped task)."""
+    stats, picks = _empty_stats(setup), {}
     for path in paths:
-        rows = read_rows(path, rule.column)
-        prio = priorities(rows, seed)
-        add_stats(stats, rows, rule, prio)
+        rows = read_rows(path, setup.rule.column)
+        prio = priorities(rows, setup.seed)
+        add_stats(stats, rows, setup.rule, prio)
         add_bins(stats.bins, rows, rows["decision"] != "error", prio)
         stats.shards[path.rsplit("/", 1)[-1].removesuffix(".parquet")] = shard_counts(rows)
-        merge_picks(picks, file_picks(rows, rule, prio))
+        merge_picks(picks, file_picks(rows, setup.rule, prio))
+    # Past SAMPLE pairs the whole run's sample is the SAMPLE smallest priorities, which are among each group's own
+    # SAMPLE smallest; up to SAMPLE no group trims, so the pairs stay in file order, as in one pass.
+    stats.pairs.trim()
+    return ScanPartial(stats, picks)
+
+
+def _add_pairs(into: PairSample, part: PairSample) -> None:
+    """PairSample.add of a group's sample: concatenated in file order, trimmed as adding its files would."""
+    into.pairs += part.pairs
+    into.priority = np.concatenate([into.priority, part.priority])
+    into.clean = np.concatenate([into.clean, part.clean])
+    into.cosine = np.concatenate([into.cosine, part.cosine])
+    if len(into.priority) > 2 * SAMPLE:
+        into.trim()
+
+
+def add_partial(into: Stats, part: Stats) -> None:
+    """A later group's stats into `into` (groups in file order): sums, and the merges that equal one pass."""
+    for decision in ("keep", "drop"):
+        into.main[decision] += part.main[decision]
+        into.p_clean[decision] += part.p_clean[decision]
+    for column, hists in part.auc.items():
+        for label, counts in hists.items():
+            into.auc[column][label] += counts
+    for name, count in part.truth.items():
+        into.truth[name] += count
+    into.scored += part.scored
+    for kept_sum in part.kept_sums:
+        into.kept_clean_score[0] += kept_sum
+    into.kept_clean_score[1] += part.kept_clean_score[1]
+    _add_pairs(into.pairs, part.pairs)
+    merge_bins(into.bins, part.bins)
+    into.shards.update(part.shards)
+
+
+def merge_scans(setup: ScanSetup, partials: list[ScanPartial]) -> tuple[Stats, dict[str, list[dict[str, Any]]]]:
+    """The groups' partials, in file order, as one pass over every file: summed stats and the galleries' rows."""
+    stats, picks = _empty_stats(setup), {}
+    for part in partials:
+        add_partial(stats, part.stats)
+        merge_picks(picks, part.picks)
     return stats, {name: [row for _, row in found] for name, found in picks.items()}
+
+
+def scan_annotated(paths: list[str], rule: Rule, seed: int) -> tuple[Stats, dict[str, list[dict[str, Any]]]]:
+    """One pass over the annotated files, in this process: summed histograms and the three galleries' rows."""
+    setup = scan_setup(paths, rule, seed)
+    return merge_scans(setup, [scan_files(paths, setup)])

@@ -110,12 +110,30 @@ def column_ranges(paths: list[str], rule_column: str = SCORE_COLUMNS[0]) -> Scor
                 if found is not None:
                     old = ranges.get(column, found)
                     ranges[column] = (min(old[0], found[0]), max(old[1], found[1]))
-    bins = ScoreBins()
-    for column in columns:  # a fixed column order
-        if column in ranges:
-            lo, hi = ranges[column]
-            bins.columns[column] = ColumnBins(column, lo, hi if hi > lo else lo + 1.0)
-    return bins
+    return bins_like({c: (ranges[c][0], ranges[c][1] if ranges[c][1] > ranges[c][0] else ranges[c][0] + 1.0)
+                      for c in columns if c in ranges})  # a fixed column order
+
+
+def bins_like(ranges: dict[str, tuple[float, float]]) -> ScoreBins:
+    """Empty bins on the given (lo, hi) ranges, in their order: what each mapped scan of a group fills."""
+    return ScoreBins({name: ColumnBins(name, lo, hi) for name, (lo, hi) in ranges.items()})
+
+
+def bin_ranges(bins: ScoreBins) -> dict[str, tuple[float, float]]:
+    return {name: (column.lo, column.hi) for name, column in bins.columns.items()}
+
+
+def merge_bins(into: ScoreBins, part: ScoreBins) -> None:
+    """A later group's bins into `into`: counts summed; each coarse bin's examples are the smallest keys of both,
+    earlier files first among equal keys, which is what adding the group's files one by one would keep."""
+    for name, column in part.columns.items():
+        target = into.columns[name]
+        target.total += column.total
+        target.known += column.known
+        target.clean += column.clean
+        for c, found in column.examples.items():
+            target.examples[c] = heapq.nsmallest(EXAMPLES_PER_BIN, target.examples.get(c, []) + found,
+                                                 key=lambda e: e[0])
 
 
 def add_bins(bins: ScoreBins, rows: dict[str, np.ndarray], scored: np.ndarray, rank: np.ndarray) -> None:

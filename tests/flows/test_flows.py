@@ -73,15 +73,15 @@ def test_flow_on_dask_local_cluster_matches_local(tiny_shards, tmp_path, referen
     groups of shards it embeds: byte-identical to the plain stages; the counts come from the groups' results."""
     from bicro_clean.flows.clean_shards import PrefectTasks, run_flow
 
-    groups = []
+    plans = []  # every grouping the run asked for: the shards first, then the report's annotated files
     plan = PrefectTasks.shard_batches
-    monkeypatch.setattr(PrefectTasks, "shard_batches", lambda self, shards: groups.extend(plan(self, shards)) or
-                        groups)
+    monkeypatch.setattr(PrefectTasks, "shard_batches", lambda self, items: plans.append(plan(self, items)) or
+                        plans[-1])
     config = CleanConfig.model_validate({**_params(tiny_shards, tmp_path),
                                          "runner": {"kind": "dask", "workers": 2}})
     assert config.embed.num_workers >= 1
     summary = run_flow(config)
-    assert [len(group) for group in groups] == [1, 1, 1, 1]  # 4 groups per worker the cluster reported, at most
+    assert [len(group) for group in plans[0]] == [1, 1, 1, 1]  # 4 groups per worker the cluster reported, at most
     assert _hashes(tmp_path) == reference
     assert summary["shards"] == 4 and summary["cached_shards"] == 0
     assert summary["lost_workers"] == [] and summary["retries"] == {}
@@ -201,11 +201,12 @@ def test_cuda_cluster_without_the_extra_or_outside_dask_is_a_clear_error(monkeyp
 
 
 def _small(value) -> bool:
-    """What may travel into a task: paths, configs, run-wide values and small containers of them, never a model,
-    tensor or array."""
+    """What may travel into a task: paths, configs, run-wide values, the report scan's bounded partials (fixed-size
+    histograms and a few gallery rows per group) and small containers of them, never a model or a tensor."""
+    from bicro_clean.pipeline.report.scan import ScanPartial, ScanSetup
     from bicro_clean.pipeline.select import RunWide
 
-    if isinstance(value, (str, int, float, bool, type(None), CleanConfig, RunWide)):
+    if isinstance(value, (str, int, float, bool, type(None), CleanConfig, RunWide, ScanSetup, ScanPartial)):
         return True
     if isinstance(value, (list, tuple)):
         return all(_small(v) for v in value)
@@ -230,7 +231,7 @@ def test_tasks_get_paths_and_configs_only_and_the_summary_times_each_stage(tiny_
 
     summary, _ = run_stages(CleanConfig.model_validate(_params(tiny_shards, tmp_path)), Recording())
     assert [name for name, _ in seen] == ["embed_group", "fit_stage", "score_group", "run_wide_values",
-                                          "write_group", "finalize_stage", "report_stage"]
+                                          "write_group", "finalize_stage", "report_scan", "report_stage"]
     for name, args in seen:
         assert _small(args), (name, [type(a) for a in args])
     stages = summary["stage_seconds"]

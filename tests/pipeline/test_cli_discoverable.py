@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel
+from conftest import config_fields
 from typer.testing import CliRunner
 
 from bicro_clean import cli
@@ -19,16 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _invoke(*args: str):
     return CliRunner().invoke(cli.app, list(args), env={"COLUMNS": "200", "TERM": "dumb", "NO_COLOR": "1"})
-
-
-def _fields(model: type[BaseModel], prefix: str = "") -> set[str]:
-    out = set()
-    for name, field in model.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            out |= _fields(field.annotation, f"{prefix}{name}.")
-        else:
-            out.add(prefix + name)
-    return out
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
@@ -58,7 +48,7 @@ def test_config_prints_every_field_as_run_would_use_it(tmp_path):
     result = _invoke("config", "--config", str(base), "--epochs", "3", "--runner", "none")
     assert result.exit_code == 0, result.output
     printed = yaml.safe_load(result.stdout)
-    assert set(_flat(printed)) == _fields(CleanConfig)  # every field, excluded ones too (embed.jpeg_decode)
+    assert set(_flat(printed)) == config_fields(CleanConfig)  # every field, excluded ones too (embed.jpeg_decode)
     assert printed["bicro"]["epochs"] == 3 and printed["select"]["threshold"] == 0.3
     assert printed["runner"]["kind"] == "none" and printed["input"] == "shards"
     # what it prints is a config: loading it gives the config run builds from the same file and flags

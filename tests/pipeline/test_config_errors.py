@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
+from conftest import config_fields
 from test_input_errors import guarded  # noqa: F401  (fixture: a model load or a run start fails the test)
 from typer.testing import CliRunner
 
@@ -137,16 +138,6 @@ GOOD: list[dict[str, Any]] = [
 ]
 
 
-def _fields(model: type[BaseModel], prefix: str = "") -> set[str]:
-    out = set()
-    for name, field in model.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            out |= _fields(field.annotation, f"{prefix}{name}.")
-        else:
-            out.add(prefix + name)
-    return out
-
-
 def _nested(settings: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load(yaml.safe_dump(base or {}))
     for dotted, value in settings.items():
@@ -182,12 +173,12 @@ def _assert_one_line(result, expected: str) -> None:
 
 
 def test_every_field_has_a_bad_value():
-    assert set(BAD) == _fields(CleanConfig)
+    assert set(BAD) == config_fields(CleanConfig)
 
 
 def test_the_users_reference_lists_every_field():
     rows = re.findall(r"^\| `([a-z_.]+)` \|", (ROOT / "docs" / "config.md").read_text(), re.M)
-    assert sorted(rows) == sorted(_fields(CleanConfig)) and len(rows) == len(set(rows))
+    assert sorted(rows) == sorted(config_fields(CleanConfig)) and len(rows) == len(set(rows))
 
 
 @pytest.mark.parametrize("field", sorted(set(BAD) - CHECKED_BY_THE_CLI))

@@ -66,6 +66,19 @@ def test_every_sample_lands_in_parquet(shard_dir, tmp_path):
     assert errors["image_emb"].null_count() == 2
 
 
+def test_embeddings_are_written_in_small_row_groups(shard_dir, tmp_path, monkeypatch):
+    """The fit reads only the row groups that hold its sample (pipeline/fit_sample.py): the embed stage caps them."""
+    import pyarrow.parquet as pq
+
+    from bicro_clean.pipeline import embed
+
+    monkeypatch.setattr(embed, "EMBED_ROW_GROUP_ROWS", 2)  # the shards here hold 5 pairs; the real cap is 1,024
+    for result in embed_shards(_config(shard_dir, tmp_path)):
+        footer = pq.ParquetFile(result.path).metadata
+        sizes = [footer.row_group(i).num_rows for i in range(footer.num_row_groups)]
+        assert sum(sizes) == result.samples and max(sizes) <= 2, sizes
+
+
 def test_workers_give_the_same_rows_as_in_process(shard_dir, tmp_path):
     embed_shards(_config(shard_dir, tmp_path / "a"))
     embed_shards(_config(shard_dir, tmp_path / "b", num_workers=2))

@@ -53,3 +53,33 @@ def test_priorities_are_the_seeded_digests_row_by_row():
 def test_truth_masks():
     known, clean = scan.truth_masks(np.array([True, False, None, True], dtype=object))
     assert known.tolist() == [True, True, False, True] and clean.tolist() == [True, False, False, True]
+
+
+# ---------------------------------------------------------------- the scan mapped over groups of files
+
+
+@pytest.mark.parametrize("options", [dict(truth=True), dict(truth=False, keep_fraction=None, seed=1)])
+def test_report_from_group_partials_is_the_page_of_one_pass(tmp_path, monkeypatch, options):
+    """Any grouping of the annotated files (in order), scanned apart and merged, gives the same page bytes as one
+    pass, and each partial stays small: at most GALLERY_SIZE picks per gallery, at most SAMPLE pairs (made small
+    here so that the groups trim their samples)."""
+    from report_fixture import Options, build_run, config_of
+
+    from bicro_clean.pipeline import report
+    from bicro_clean.pipeline.report import compare
+    from bicro_clean.pipeline.shard_groups import split_even
+
+    monkeypatch.setattr(compare, "SAMPLE", 10)
+    monkeypatch.setattr(scan, "SAMPLE", 10)
+    out = build_run(tmp_path, Options(images=48, **options))  # 8 annotated files of 12 pairs
+    config, manifest_path = config_of(out), str(out / "manifest.json")
+    manifest = report._manifest(config, manifest_path)
+    one_pass = report.build_report(config, manifest)
+    paths, setup = report.report_plan(config, manifest_path)
+    assert len(paths) == 8
+    for parts in (1, 2, 3, 8):
+        partials = [report.report_scan(group, setup) for group in split_even(paths, parts)]
+        for part in partials:
+            assert all(len(picks) <= scan.GALLERY_SIZE for picks in part.picks.values())
+            assert len(part.stats.pairs.priority) <= 10
+        assert report.build_report(config, manifest, (setup, partials)) == one_pass, parts

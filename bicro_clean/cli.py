@@ -183,6 +183,7 @@ def run_cmd(
     check_io(cfg, owner=True)  # before any model loads or Prefect starts
     from bicro_clean.pipeline.outlock import OutputBusyError, OutputError
     from bicro_clean.pipeline.shards import InputError
+    from bicro_clean.models.devices import DeviceUnavailableError
 
     try:
         with stop_on_signals():  # Ctrl-C / SIGTERM: exit 130 / 143 in seconds, no process left (stop_signals.py)
@@ -191,6 +192,8 @@ def run_cmd(
         raise fail("input", error)
     except (OutputBusyError, OutputError) as error:  # also changed after the check
         raise fail("output", error)
+    except DeviceUnavailableError as error:  # a worker without the GPU the run asked for (checked here up front)
+        raise fail("device", error)
     print_run_summary(summary)
 
 

@@ -122,3 +122,21 @@ def test_ray_model_stages_request_the_clusters_gpu(tiny_shards, tmp_path, monkey
     assert "write" in asked and all(gpus == {0} for gpus in asked.values())  # write and any other mapped task: none
     assert summary["shards"] == 4 and summary["in"] == summary["kept"] + summary["dropped"] + summary["errors"]
     assert os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+def test_a_worker_without_the_asked_for_gpu_ends_the_run_with_one_line(tiny_shards, tmp_path, monkeypatch):
+    """The driver has the device (its up-front check passes), a worker does not: the task's DeviceUnavailableError
+    reaches the CLI, which prints it as one line and exits 2, as the up-front check would."""
+    from typer.testing import CliRunner
+
+    from bicro_clean import cli
+
+    def worker_without_gpu(cfg):
+        raise DeviceUnavailableError("device cuda was asked for, but this machine has no usable CUDA device")
+
+    monkeypatch.setattr(cli, "run_with_runner", worker_without_gpu)
+    result = CliRunner().invoke(cli.app, ["run", "--input", str(tiny_shards / "*.tar"), "--out",
+                                          str(tmp_path / "out"), "--encoder", "tiny"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["device error: device cuda was asked for, but this machine has no usable CUDA device"]

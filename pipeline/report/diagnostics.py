@@ -9,16 +9,15 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.fit import sample_positions
+from bicro_clean.pipeline.fit_sample import file_pairs, read_footers
 from bicro_clean.pipeline.layout import embedding_path
+from bicro_clean.pipeline.parallel_io import imap
 from bicro_clean.pipeline.parquet_io import join
 from bicro_clean.pipeline.report.scan import HIST_BINS
-from bicro_clean.pipeline.score import fixed_list_matrix, local_checkpoint
+from bicro_clean.pipeline.score import local_checkpoint
 
 LOSS_SAMPLE = 20_000
 LOSS_BATCH = 8_192  # sampled rows scored per call: each call embeds the negative bank once
@@ -61,22 +60,18 @@ def _exists(path: str) -> bool:
     return fs.exists(local)
 
 
-def _ok_rows(path: str, columns: list[str]) -> Any:
-    with fsspec.open(path, "rb") as fh:
-        table = pq.read_table(fh, columns=["status", *columns])
-    return table.filter(pc.equal(table["status"], "ok"))
-
-
 def sample_losses(model: Any, paths: list[str], sample: int, seed: int) -> list[np.ndarray]:
     """Normalised losses per network for a seeded uniform sample of ok rows.
 
-    Sampled rows are gathered across files into batches of LOSS_BATCH rows before scoring: every call embeds
-    the negative bank again and pads its rows to a whole forward chunk, so one call per file (a few hundred
-    rows each) did three times the work. Memory stays bounded by one batch (about 30 MB at 1664 dims, fp16)."""
+    The rows are read as the fit reads its sample (pipeline.fit_sample): each file's ok count from its footer,
+    then only the row groups that hold sampled rows, so the cost follows the sample, not the crawl. Sampled rows
+    are gathered across files into batches of LOSS_BATCH rows before scoring: every call embeds the negative bank
+    again and pads its rows to a whole forward chunk. Memory stays bounded by one batch and the files in flight."""
     # The models are imported here, not at the top: a report without a checkpoint never needs them.
     from bicro_clean.models.diagnostics import normalised_losses
 
-    counts = [_ok_rows(p, []).num_rows for p in paths]
+    footers = read_footers(paths)
+    wanted = [(f, p) for f, p in zip(footers, sample_positions([f.ok for f in footers], sample, seed)) if len(p)]
     parts: list[list[np.ndarray]] = []
     pending: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -87,25 +82,12 @@ def sample_losses(model: Any, paths: list[str], sample: int, seed: int) -> list[
             parts.append(normalised_losses(model, image, text))
             pending.clear()
 
-    for path, positions in zip(paths, sample_positions(counts, sample, seed)):
-        if len(positions):
-            table = _ok_rows(path, ["image_emb", "text_emb"]).take(positions)
-            pending.append((_matrix(table["image_emb"]), _matrix(table["text_emb"])))
-            if sum(len(i) for i, _ in pending) >= LOSS_BATCH:
-                flush()
+    for image, text, _ in imap(lambda item: file_pairs(*item), wanted):
+        pending.append((image, text))
+        if sum(len(i) for i, _ in pending) >= LOSS_BATCH:
+            flush()
     flush()
     return [np.concatenate([p[k] for p in parts]) for k in range(len(model.nets))] if parts else []
-
-
-def _matrix(column: Any) -> np.ndarray:
-    """The stored rows as they are (fp16 stays fp16 until the batch is scored): half the batch's memory."""
-    matrix = fixed_list_matrix(column) if column.type.value_type != pa.float16() else None
-    if matrix is not None:
-        return matrix
-    chunk = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    dim = chunk.type.list_size
-    flat = chunk.values.to_numpy(zero_copy_only=False)
-    return flat[chunk.offset * dim:(chunk.offset + len(chunk)) * dim].reshape(len(chunk), dim).copy()
 
 
 def loss_view(mixture: Any, losses: np.ndarray) -> LossView:

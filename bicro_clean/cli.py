@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loa
 import typer  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
+from bicro_clean.run_summary import print_run_summary  # noqa: E402
 from bicro_clean.cli_support import (  # noqa: E402
     CONFIG_OPT,
     DEVICE_OPT,
@@ -35,7 +36,6 @@ from bicro_clean.cli_support import (  # noqa: E402
     build_config,
     check_io,
     effective_yaml,
-    print_run_summary,
     start_terminal,
     stop_terminal,
     fail,

@@ -79,7 +79,7 @@ def make_shards_cmd(
     captions: Path = typer.Option(..., exists=True, dir_okay=False, help="CSV with columns image,caption."),
     out: Path = typer.Option(..., help="Output folder for 00000.tar, 00001.tar, ..."),
     shard_size: int = typer.Option(1000, min=1, help="Samples per shard."),
-    split_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="JSON {split: [image names]}."),
+    split_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="JSON {split: \\[image names]}."),
     split: Optional[str] = typer.Option(None, help="Which split of --split-file to write."),
     noise_kind: str = typer.Option("shuffle", help=_KIND_HELP),
     noise_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Noisy fraction, one kind (default 0)."),

@@ -255,8 +255,8 @@ def _duration(seconds: float) -> str:
 
 
 def _stage_detail(stage: str, done: int, total: int, items: int) -> str:
-    if stage == "embed":
-        return f"{done} shards, {items:,} pairs" if total else "all shards cached"
+    if stage == "embed":  # counted in pairs; `items`: the shards done
+        return f"{items} shards, {done:,} pairs" if done else "all shards cached"
     if stage == "fit":
         return f"{items:,} pairs, {done} epochs" if total else "reused checkpoint"
     if stage in ("score", "write") and done:
@@ -265,15 +265,16 @@ def _stage_detail(stage: str, done: int, total: int, items: int) -> str:
 
 
 class Terminal:
-    """The CLI's progress sink (pipeline/progress.py): one rich bar per running stage on a terminal (shards for
-    embed, score and write; epochs for fit) and one line per finished stage; thread-safe (stages report from
-    Prefect's task threads). On a non-terminal stderr no bars are drawn, only the lines."""
+    """The CLI's progress sink (pipeline/progress.py): one rich bar per running stage on a terminal (pairs for
+    embed, epochs for fit, shards for score and write, files for report), each with its rate and the time left
+    (bicro_clean/progress_columns.py), and one line per finished stage; thread-safe (stages report from Prefect's
+    task threads). On a non-terminal stderr no bars are drawn, only the lines. `console`: where to draw (stderr)."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, console: Any = None) -> None:
         from rich.console import Console
 
         self.mode = mode
-        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.bars = mode != "quiet" and self.console.is_terminal
         self._lock = threading.Lock()
         self._counts: dict[str, list[int]] = {}
@@ -292,13 +293,12 @@ class Terminal:
     def _draw(self, stage: str, counts: list[int]) -> None:
         from rich import progress as bars
 
+        from bicro_clean.progress_columns import columns, unit_detail
+
         if self._progress is None:
-            self._progress = bars.Progress(
-                bars.TextColumn("{task.description:<8}"), bars.BarColumn(), bars.MofNCompleteColumn(),
-                bars.TextColumn("{task.fields[unit]}"), bars.TimeElapsedColumn(), bars.TextColumn("eta"),
-                bars.TimeRemainingColumn(), console=self.console, transient=True)
+            self._progress = bars.Progress(*columns(), console=self.console, transient=True)
             self._progress.start()
-        unit = {"fit": "epochs"}.get(stage, "shards") + (f", {counts[2]:,} pairs" if stage == "embed" else "")
+        unit = unit_detail(stage, counts[2])
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=counts[1] or None, unit=unit)
         self._progress.update(self._tasks[stage], completed=counts[0], total=counts[1] or None, unit=unit)
@@ -320,6 +320,13 @@ class Terminal:
             if self.mode != "quiet":
                 detail = describe(stage, tally) if tally is not None else _stage_detail(stage, done, total, items)
                 self.console.print(f"{STAGE_NAMES.get(stage, stage):<9}{detail:<28} {_duration(seconds):>7}")
+
+    def snapshot(self) -> str:
+        """The bars as they would be drawn now, as plain text ("" when none are)."""
+        from bicro_clean.progress_columns import snapshot
+
+        with self._lock:
+            return snapshot(self._progress)
 
     def close(self) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from bicro_clean.cli_support import TERMINAL, _duration
+from bicro_clean.pipeline.estimates import describe
 
 
 def print_run_summary(summary: dict[str, Any]) -> None:
@@ -34,6 +35,13 @@ def print_run_summary(summary: dict[str, Any]) -> None:
     for name in ("report", "manifest"):
         if summary.get(name):
             console.print(f"{name:<9}{summary[name]}")
+    cleaned = summary.get("cleaned_shards")
+    if cleaned:  # open_clip's --train-data, its sample count from sizes.json beside the shards
+        console.print(f"shards   {cleaned['train_data']}  ({cleaned['samples']:,} samples, sizes.json)")
+    if summary.get("keep_uids"):  # the file, or why it was not written (no uid in the samples' .json)
+        console.print(f"keep_uids {summary['keep_uids']}")
+    if "estimates" in summary:  # from clean_score's mean: pipeline/estimates.py
+        console.print(describe(summary["estimates"]))
     for lost in summary.get("lost_workers", []):  # the work ran again elsewhere; outputs are unaffected
         shards = ", ".join(lost["shards"])
         console.print(f"lost     worker {lost['name']} in {lost['stage']}: shards {shards} ran again")

@@ -29,13 +29,16 @@ from prefect.context import FlowRunContext
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import task_run
 
-from bicro_clean.flows import cluster_events
+from bicro_clean.flows import cluster_events, progress_relay
 from bicro_clean.flows.ephemeral import api_for_flow
+from bicro_clean.flows.failures import ONE_LINE_ERRORS, failed
+from bicro_clean.flows.progress_relay import relayed
 from bicro_clean.flows.runners import ray_remote_options, task_runner_for, warn_shared_gpus, worker_count
 from bicro_clean.pipeline import progress, select
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.finalize import finalize_stage
 from bicro_clean.pipeline.fit import fit_stage
+from bicro_clean.pipeline.pack import pack_group, place_group, plan_stage
 from bicro_clean.pipeline.run import report_scan, report_stage, run_stages
 from bicro_clean.pipeline.shard_groups import GroupResult, embed_group, plan_groups, score_group, write_group
 from bicro_clean.pipeline.shards import shard_id
@@ -58,17 +61,21 @@ def _counted(result: GroupResult) -> GroupResult:
     return result
 
 
-# The per-shard stages' task functions: the group functions, each returning its attempt number too.
+# The per-shard stages' task functions: the group functions, each returning its attempt number too; on a Dask
+# worker their progress reports travel to the flow's process (flows/progress_relay.py).
 def embed(shards: list[str], config: CleanConfig) -> GroupResult:
-    return _counted(embed_group(shards, config))
+    with relayed():
+        return _counted(embed_group(shards, config))
 
 
 def score(shards: list[str], config: CleanConfig, checkpoint_path: str) -> GroupResult:
-    return _counted(score_group(shards, config, checkpoint_path))
+    with relayed():
+        return _counted(score_group(shards, config, checkpoint_path))
 
 
 def write(shards: list[str], config: CleanConfig, run_wide: select.RunWide) -> GroupResult:
-    return _counted(write_group(shards, config, run_wide))
+    with relayed():
+        return _counted(write_group(shards, config, run_wide))
 
 
 class _Recorded:
@@ -102,6 +109,9 @@ TASKS = {
     score_group: task(score, name="score", task_run_name=_group_name, **IO_RETRIES),
     select.run_wide_values: task(select.run_wide_values, name="run-wide-values"),
     write_group: task(write, name="write", task_run_name=_group_name, **IO_RETRIES),
+    plan_stage: task(plan_stage, name="pack-plan"),  # pack: the run's cleaned shards (pipeline/pack.py)
+    pack_group: task(pack_group, name="pack", **IO_RETRIES),
+    place_group: task(place_group, name="place", **IO_RETRIES),
     finalize_stage: task(finalize_stage, name="finalize"),
     report_scan: task(report_scan, name="report-scan", **IO_RETRIES),
     report_stage: task(report_stage, name="report"),
@@ -120,6 +130,7 @@ class PrefectTasks:
         self.placement = placement or {}  # Ray resources of a model stage's task: {"num_gpus": 1} on GPU clusters
         self.client = cluster_events.dask_client(task_runner)
         self.known: dict[str, dict[str, Any]] = {}  # every worker seen, by address (a lost one is gone from the list)
+        progress_relay.subscribe(self.client)  # the workers' progress reports, made here where the bars are
 
     def shard_batches(self, shards: list[str]) -> list[list[str]]:
         return plan_groups(shards, self.workers)
@@ -164,6 +175,7 @@ class PrefectTasks:
     def finish(self) -> None:
         """At the end of the flow: the cluster's workers send what Prefect still holds for this run."""
         if self.client is not None:
+            progress_relay.unsubscribe(self.client)
             cluster_events.flush_prefect_services(self.client)
 
 
@@ -192,7 +204,8 @@ def _publish_artifacts(summary: dict[str, Any]) -> None:
 
 @flow(name="clean-shards", log_prints=True, validate_parameters=True)
 def clean_shards(config: CleanConfig) -> dict[str, Any]:
-    """embed (mapped) -> fit -> score (mapped) -> run-wide values -> write (mapped) -> finalize -> report."""
+    """embed (mapped) -> fit -> score (mapped) -> run-wide values -> write (mapped) -> pack (mapped) -> finalize ->
+    report."""
     context = FlowRunContext.get()
     runner = context.task_runner if context else None
     executor = PrefectTasks(worker_count(config.runner, runner), runner,
@@ -200,6 +213,8 @@ def clean_shards(config: CleanConfig) -> dict[str, Any]:
     warn_shared_gpus(executor.client, config.embed.device)
     try:
         summary, _ = run_stages(config, executor)
+    except ONE_LINE_ERRORS as error:  # Failed with the CLI's one line as its message, not a traceback
+        return failed(error)  # type: ignore[return-value]  (flows/failures.py)
     finally:
         executor.finish()
     _publish_artifacts(summary)

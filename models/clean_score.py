@@ -42,6 +42,9 @@ MIN_WEIGHT = 1e-6
 # Ridge on the weights, RIDGE / N per unit: nothing at 16k pairs, but a few dozen pairs (which a linear
 # classifier can separate from their re-pairing perfectly) no longer get log-odds in the hundreds.
 RIDGE = 1.0
+# The ridge while the clean share is estimated (CleanScorer.fit): small enough not to bias it, large enough to keep
+# the weights finite on pairs a linear rule separates from their re-pairing.
+PRIOR_RIDGE = 0.01
 MAX_ITERATIONS = 500
 
 
@@ -57,15 +60,24 @@ def _log_odds_observed(theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(log_pn, log_pc + z @ w + b)
 
 
-def _objective(theta_np: np.ndarray, z_obs: torch.Tensor, z_ref: torch.Tensor) -> tuple[float, np.ndarray]:
+def _objective(theta_np: np.ndarray, z_obs: torch.Tensor, z_ref: torch.Tensor,
+               ridge: float = 1.0) -> tuple[float, np.ndarray]:
     """Mean logistic loss of observed (label 1) vs reference (label 0) pairs, and its gradient."""
     theta = torch.tensor(theta_np, dtype=torch.float64, requires_grad=True)
     loss = (torch.nn.functional.softplus(-_log_odds_observed(theta, z_obs)).mean()
             + torch.nn.functional.softplus(_log_odds_observed(theta, z_ref)).mean()
-            + RIDGE / len(z_obs) * (theta[:-2] ** 2).sum())
+            + ridge / len(z_obs) * (theta[:-2] ** 2).sum())
     loss.backward()
     assert theta.grad is not None
     return float(loss.detach()), theta.grad.numpy().copy()
+
+
+def _minimise(start: np.ndarray, bounds: list, z_obs: torch.Tensor, z_ref: torch.Tensor, ridge: float) -> np.ndarray:
+    result = minimize(_objective, start, args=(z_obs, z_ref, ridge), jac=True, method="L-BFGS-B", bounds=bounds,
+                      options={"maxiter": MAX_ITERATIONS})
+    if not result.success:
+        logger.warning("clean_score fit: %s", result.message)
+    return result.x
 
 
 @dataclass
@@ -80,7 +92,12 @@ class CleanScorer:
 
     @classmethod
     def fit(cls, observed: np.ndarray, reference: np.ndarray) -> "CleanScorer":
-        """`observed`: evidence of real pairs (N, F); `reference`: evidence of the same pairs re-paired at random."""
+        """`observed`: evidence of real pairs (N, F); `reference`: evidence of the same pairs re-paired at random.
+
+        Two fits. The clean share first, with almost no ridge: the ridge shrinks w, and a weaker likelihood ratio
+        is explained by a larger clean share (on 1,500 synthetic pairs the full ridge over-stated the share by
+        0.04, PRIOR_RIDGE by 0.008). Then the weights with the share held fixed, under the full ridge, which keeps
+        a few dozen separable pairs from log-odds in the hundreds."""
         center = observed.mean(axis=0)
         std = observed.std(axis=0)
         scale = np.where(std > 1e-12, std, 1.0)
@@ -89,11 +106,9 @@ class CleanScorer:
         f = observed.shape[1]
         start = np.concatenate([np.ones(f), [0.0, 0.0]])
         bounds = [(MIN_WEIGHT, None)] * f + [(None, None), (-20.0, 20.0)]
-        result = minimize(_objective, start, args=(z_obs, z_ref), jac=True, method="L-BFGS-B", bounds=bounds,
-                          options={"maxiter": MAX_ITERATIONS})
-        if not result.success:
-            logger.warning("clean_score fit: %s", result.message)
-        weights, b, u = result.x[:f], float(result.x[f]), float(result.x[f + 1])
+        share = _minimise(start, bounds, z_obs, z_ref, PRIOR_RIDGE)[-1]
+        theta = _minimise(start, bounds[:-1] + [(share, share)], z_obs, z_ref, RIDGE)
+        weights, b, u = theta[:f], float(theta[f]), float(theta[f + 1])
         clean_share = float(expit(u))
         logger.info("clean_score: estimated clean share %.3f, weights %s", clean_share, np.round(weights, 3).tolist())
         return cls(center, scale, np.maximum(weights, MIN_WEIGHT), b + u, clean_share)  # log(pi_c/pi_n) = u

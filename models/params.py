@@ -83,12 +83,22 @@ class BiCroParams(BaseModel):
     )
     ivf_nlist: int = Field(0, ge=0, description="IVF inverted lists (0 = about 2 * sqrt(distinct anchor rows)).")
     ivf_nprobe: int = Field(8, ge=1, description="IVF lists visited per query: more = closer to exact, slower.")
+    # clean_score is calibrated on evidence from networks that never trained on the pair (models/calibration.py):
+    # K fold models, each trained on the other folds of the fit pairs (docs/bicro.md#clean_score measures K).
+    calibration_folds: int = Field(
+        2, ge=0, description="Fold models that cross-fit clean_score's calibration (each trained on the other folds; "
+        "the fit then trains 1 + K models, each fold model on (K-1)/K of the pairs). 0 = calibrate on the pairs the "
+        "networks trained on (over-confident on small crawls). Unused when the crawl is at least twice the fit "
+        "sample: pairs outside the sample calibrate it then."
+    )
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "BiCroParams":
         """Checks across fields (single-field bounds are the Field constraints above)."""
         if self.warmup_epochs > self.epochs:
             raise ValueError("warmup_epochs must not exceed epochs")
+        if self.calibration_folds == 1:
+            raise ValueError("calibration_folds: 1 fold cannot cross-fit: 0 (off) or at least 2")
         return self
 
     def revalidate(self) -> None:

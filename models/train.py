@@ -18,7 +18,8 @@ import torch
 
 from bicro_clean.models.anchors import AnchorIndex
 from bicro_clean.models.bicro import BiCroModel
-from bicro_clean.models.clean_score import CleanScorer, evidence_matrix
+from bicro_clean.models.calibration import OutOfFold, can_cross_fit, cross_fitted, fold_of
+from bicro_clean.models.clean_score import EVIDENCE, CleanScorer, evidence_matrix
 from bicro_clean.models.consistency import (
     clean_set,
     consistency_labels,
@@ -98,9 +99,12 @@ def fit_bicro(
     device: str = "cpu",
     log_every: int = 1,
     on_epoch: Callable[[int, dict], None] | None = None,
+    held_out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[BiCroModel, Mapping[str, np.ndarray]]:
     """Train BiCro on frozen pair embeddings; returns the model and its outputs for the training pairs.
-    ``on_epoch(epoch, info)`` is called after each epoch (progress display; ``info`` is the logged epoch dict).
+    ``on_epoch(epoch, info)`` is called after each epoch of every model trained (progress display; ``info`` is the
+    logged epoch dict): `fit_epochs` says how many. ``held_out``: (image, text) embeddings of pairs of the same
+    crawl that are not among the training pairs; clean_score is then calibrated on them (models/calibration.py).
 
     keys default to the row numbers as strings (they identify anchors for self-exclusion in score()).
     """
@@ -112,15 +116,32 @@ def fit_bicro(
     if len(set(keys)) != n:
         raise ValueError("keys must be unique")
     t0 = time.time()
+    with torch_threads(params.threads):
+        model = train_model(image_emb, text_emb, params, keys, aligned, device, log_every, on_epoch)
+        outputs = calibrate_clean_score(model, image_emb, text_emb, keys,
+                                        lambda tr: train_model(image_emb[tr], text_emb[tr], params,
+                                                               [keys[i] for i in tr], aligned, device, 0, on_epoch),
+                                        held_out)
+    logger.info("bicro fit done in %.0fs: %d anchors", time.time() - t0, len(model.anchor_keys))
+    return model, outputs
+
+
+def fit_epochs(params: BiCroParams, pairs: int, held_out: bool = False) -> int:
+    """Epochs `fit_bicro` trains in all: the full model's, plus every fold model's when it cross-fits."""
+    folds = params.calibration_folds
+    return params.epochs * (1 + (folds if not held_out and can_cross_fit(pairs, folds) else 0))
+
+
+def train_model(image_emb: np.ndarray, text_emb: np.ndarray, params: BiCroParams, keys: list[str], aligned: bool,
+                device: str, log_every: int, on_epoch: Callable[[int, dict], None] | None) -> BiCroModel:
+    """Co-training and the final state, without clean_score: the full model and each cross-fitting fold model."""
+    t0 = time.time()
     with seeded(params.seed, device), torch_threads(params.threads):
         data = PairData.build(image_emb, text_emb, device)
         bank = NegativeBank.sample(data, params.bank_size, params.seed)
         trainer = CoTrainer(data, params.train_config(), params.seed, aligned, device)
         run_cotraining(trainer, data, bank, params, log_every, t0, on_epoch=on_epoch)
-        model = finalise(trainer, data, bank, params, keys, aligned, device)
-        outputs = calibrate_clean_score(model, image_emb, text_emb, keys, params.seed)
-    logger.info("bicro fit done in %.0fs: %d anchors", time.time() - t0, len(model.anchor_keys))
-    return model, outputs
+        return finalise(trainer, data, bank, params, keys, aligned, device)
 
 
 def reference_pairing(n: int, seed: int) -> np.ndarray:
@@ -136,14 +157,47 @@ def reference_pairing(n: int, seed: int) -> np.ndarray:
     return perm
 
 
-def calibrate_clean_score(model: BiCroModel, image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str],
-                          seed: int) -> dict[str, np.ndarray]:
-    """Fit the model's clean_score (models/clean_score.py) on the training pairs against the same pairs with
-    their images permuted, and return the training pairs' outputs, clean_score included."""
+def evidence_and_reference(model: BiCroModel, image_emb: np.ndarray, text_emb: np.ndarray,
+                           keys: list[str] | None, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The model's outputs for the pairs, their evidence, and the evidence of the same pairs with their images
+    permuted (what a mismatched pair looks like to this model)."""
     outputs = model.score(image_emb, text_emb, keys)
     reference = model.score(image_emb[reference_pairing(len(image_emb), seed)], text_emb)
-    model.clean_scorer = CleanScorer.fit(evidence_matrix(outputs), evidence_matrix(reference))
-    return outputs | {"clean_score": model.clean_scorer(evidence_matrix(outputs))}
+    return outputs, evidence_matrix(outputs), evidence_matrix(reference)
+
+
+def out_of_fold(image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str], params: BiCroParams,
+                train: Callable[[np.ndarray], BiCroModel]) -> OutOfFold:
+    """Each fold's pairs (and their re-pairing) scored by a model trained on the other folds (`train(rows)`)."""
+    n, folds = len(image_emb), params.calibration_folds
+    fold = fold_of(n, folds, params.seed)
+    observed, reference = np.zeros((n, len(EVIDENCE))), np.zeros((n, len(EVIDENCE)))
+    for k in range(folds):
+        rows, others = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
+        model = train(others)
+        _, observed[rows], reference[rows] = evidence_and_reference(
+            model, image_emb[rows], text_emb[rows], [keys[i] for i in rows], params.seed)
+    return OutOfFold(observed, reference)
+
+
+def calibrate_clean_score(model: BiCroModel, image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str],
+                          train: Callable[[np.ndarray], BiCroModel],
+                          held_out: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Fit the model's clean_score (models/clean_score.py, models/calibration.py) and return the training pairs'
+    outputs, clean_score included. On held-out pairs when given; else cross-fitted (fold models from
+    `train(rows)`) when there are enough pairs; else on the training pairs themselves."""
+    seed = model.params.seed
+    outputs, evidence, reference = evidence_and_reference(model, image_emb, text_emb, keys, seed)
+    if held_out is not None and len(held_out[0]) >= 2:
+        _, held, held_reference = evidence_and_reference(model, held_out[0], held_out[1], None, seed)
+        model.clean_scorer = CleanScorer.fit(held, held_reference)
+        logger.info("clean_score calibrated on %d held-out pairs", len(held))
+    elif can_cross_fit(len(keys), model.params.calibration_folds):
+        full = CleanScorer.fit(evidence, reference)
+        model.clean_scorer = cross_fitted(full, evidence, out_of_fold(image_emb, text_emb, keys, model.params, train))
+    else:
+        model.clean_scorer = CleanScorer.fit(evidence, reference)
+    return outputs | {"clean_score": model.clean_scorer(evidence)}
 
 
 def noisy_start_epoch(params: BiCroParams) -> int:

@@ -338,6 +338,9 @@ def embed_shards(config: CleanConfig, encoder: Encoder | None = None,
         else:
             todo.append((shard, path, key))
     logger.info("embed: %d shards cached, %d to do", len(results), len(todo))
+    progress.plan_pairs("embed", shards)  # the bar's total in pairs, unless the run planned it (pair_count.py)
+    for cached in results:  # their pairs are no work of this run: out of the total
+        progress.finish("embed", cached.shard, cached.samples, cached=True)
     if todo:
         results += _embed_todo(todo, encoder, config, timings)
     return sorted(results, key=lambda r: r.path)
@@ -351,7 +354,6 @@ def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: Clea
     decoder = None
     if jpeg_path(config.embed.jpeg_decode, encoder) == "device":
         decoder = device_decoder(encoder, config.reader, decode_side(encoder))
-    progress.report("embed", total=len(todo))  # shards; pairs are counted beside (a tar's count costs a read)
     clock = time.perf_counter()
     # forks the decode workers: never while another thread builds a model; also from a daemonic Dask worker
     with LOAD_LOCK, children_allowed():  # (pipeline/daemon_children.py says why that is safe)
@@ -362,13 +364,13 @@ def _embed_todo(todo: list[tuple[str, str, str]], encoder: Encoder, config: Clea
         image, text = _encode_chunk(encoder, chunk, acc, timings, decoder)  # may rewrite chunk.rows' failures
         acc.add(chunk.rows, image, text)
         timings.samples += len(chunk.rows)
-        progress.report("embed", items=len(chunk.rows))
+        progress.report("embed", advance=len(chunk.rows))  # pairs
         if chunk.last:
             t0 = time.perf_counter()
             results.append(_write_shard(pending.pop(chunk.shard), chunk.shard, *targets[chunk.shard],
                                         encoder, config, chunk.source))
             timings.write_s += time.perf_counter() - t0
-            progress.report("embed", advance=1)
+            progress.finish("embed", chunk.shard, results[-1].samples)  # the total corrected to its real rows
         clock = time.perf_counter()
     return results
 

@@ -1,12 +1,14 @@
 """Finalize stage: the per-shard completion markers -> keep_keys.parquet, keep_uids.npy and manifest.json.
 
 keep_uids.npy is DataComp's subset format (a sorted numpy array of dtype ``u8,u8``: a 32-hex-char uid's first 16
-hex digits as the high word, the next 16 as the low), written only when every kept sample has such a uid.
+hex digits as the high word, the next 16 as the low), written only when every kept sample has such a uid;
+otherwise manifest.json's `keep_uids` says why (how many kept samples have no uid, or none that DataComp takes).
 
 The manifest is the run's record, built from the markers on disk, so it is the same whichever runner or machine
-wrote the shards: manifest.json (counts by reason, renamed keys, the config, the checkpoint, the run-wide outputs
-with their SHA-256) and manifest_shards.parquet (per input shard: how far it was read and every output with its
-SHA-256; pipeline/manifest_shards.py). The markers are read on a thread pool and streamed into the table, so
+wrote the shards: manifest.json (counts by reason, renamed keys, the config, the checkpoint, the run's
+`estimates` from clean_score (pipeline/estimates.py), the run-wide outputs with their SHA-256) and
+manifest_shards.parquet (per input shard: how far it was read and every output with its SHA-256;
+pipeline/manifest_shards.py). The markers are read on a thread pool and streamed into the table, so
 memory does not grow with the manifest.
 """
 
@@ -23,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bicro_clean.pipeline import resume
+from bicro_clean.pipeline import estimates, resume
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.layout import (
     ANNOTATED_DIR,
@@ -32,10 +34,12 @@ from bicro_clean.pipeline.layout import (
     MANIFEST,
     RESULTS_DIR,
     SHARDS_DIR,
+    SIZES,
     relative,
     result_path,
 )
 from bicro_clean.pipeline.manifest_shards import ShardTable
+from bicro_clean.pipeline.pack import relative_cleaned
 from bicro_clean.pipeline.parallel_io import imap
 from bicro_clean.pipeline.parquet_io import atomic_output, join, package_version
 from bicro_clean.pipeline.score import checkpoint_sha256
@@ -67,31 +71,60 @@ def uid_words(uids: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
     return words
 
 
-def write_keep_uids(keep_keys_path: str, path: str) -> int | None:
-    """keep_keys' uids as DataComp's sorted ``u8,u8`` array at `path`; the row count, or None (nothing written, a
-    stale file removed) when there is no kept row or a kept row lacks a valid uid (logged once, with the first).
+def write_keep_uids(keep_keys_path: str, path: str) -> int | str:
+    """keep_keys' uids as DataComp's sorted ``u8,u8`` array at `path`; the row count, or why nothing was written
+    (a stale file removed): no kept row, or kept rows without a valid uid (counted; logged once, with the first).
     Sorted in bounded runs and merged into the file (pipeline.uid_merge): memory independent of the kept count."""
     runs = SortedRuns(UID_DTYPE)
+    kept, bad = 0, Counter()  # bad: kept rows without a usable uid, by kind
     try:
         with fsspec.open(keep_keys_path, "rb") as fh:
             # 64k rows a batch: uid_words holds 32 8-byte nibbles a row (16 MB here, 256 MB at 1M rows)
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=1 << 16, columns=["shard", "key", "uid"]):
-                words = uid_words(batch.column(2))
-                if words is None:
-                    bad = batch.filter(pc.invert(pc.fill_null(pc.match_substring_regex(batch.column(2), _HEX_UID),
-                                                              False))).slice(0, 1).to_pylist()[0]
-                    logger.info("finalize: no %s: not every kept sample has a 32-hex-char uid (first: shard %s key "
-                                "%r uid %r)", KEEP_UIDS, bad["shard"], bad["key"], bad["uid"])
-                    return _remove_stale(path)
-                runs.add(words)
-        if not runs.total:
-            logger.info("finalize: no %s: no sample was kept", KEEP_UIDS)
-            return _remove_stale(path)
+                kept += batch.num_rows
+                words = None if sum(bad.values()) else uid_words(batch.column(2))
+                if words is None:  # from the first bad uid on, the rest is only counted
+                    _count_bad_uids(batch, bad)
+                else:
+                    runs.add(words)
+        if sum(bad.values()) or not kept:
+            reason = _no_uids_reason(kept, bad)
+            logger.info("finalize: no %s: %s", KEEP_UIDS, reason)
+            _remove_stale(path)
+            return reason
         with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as out:
             write_npy(out, UID_DTYPE, runs.total, runs.merged())
         return runs.total
     finally:
         runs.close()
+
+
+def _count_bad_uids(batch: pa.RecordBatch, bad: Counter) -> None:
+    """Count the batch's kept rows without a uid (`missing`) or with one DataComp cannot take (`invalid`); log the
+    first such row of the run."""
+    uids = batch.column(2)
+    good = pc.fill_null(pc.match_substring_regex(uids, _HEX_UID), False)
+    rows = batch.filter(pc.invert(good))
+    if rows.num_rows and not bad:
+        first = rows.slice(0, 1).to_pylist()[0]
+        logger.info("finalize: first kept sample without a 32-hex-char uid: shard %s key %r uid %r", first["shard"],
+                    first["key"], first["uid"])
+    bad["missing"] += uids.null_count
+    bad["invalid"] += rows.num_rows - uids.null_count
+
+
+def _no_uids_reason(kept: int, bad: Counter) -> str:
+    """Why keep_uids.npy was not written, in the words the summary and manifest.json show."""
+    if not kept:
+        return "not written: no sample was kept"
+    parts = []
+    if bad["missing"]:
+        parts.append(f"{bad['missing']:,} of {kept:,} kept samples have no uid (img2dataset's `uid` field in the "
+                     "sample's .json)")
+    if bad["invalid"]:
+        parts.append(f"{bad['invalid']:,} of {kept:,} kept samples have a uid that is not 32 hex digits "
+                     "(DataComp's format)")
+    return "not written: " + "; ".join(parts)
 
 
 def _remove_stale(path: str) -> None:
@@ -133,6 +166,8 @@ class Collected:
     cutoff: dict[str, Any] | None = None
     shards: int = 0
     filtered: list[str] = field(default_factory=list)  # filtered Parquet paths, in input shard order
+    sums: dict[str, float] = field(default_factory=estimates.empty_sums)  # clean_score sums (pipeline.estimates)
+    unsummed: list[str] = field(default_factory=list)  # annotated files of results that recorded no sums
     listed: set[str] = field(default_factory=set)  # every output path a shard's result names
 
     def add(self, result: dict[str, Any]) -> None:
@@ -144,6 +179,7 @@ class Collected:
         self.renamed_keys += result["renamed_keys"]
         self.filtered += [o["path"] for o in result["outputs"] if o["kind"] == "filtered"]
         self.listed.update(o["path"] for o in result["outputs"])
+        self.unsummed += estimates.collect(self.sums, result)
 
     def counts(self) -> dict[str, Any]:
         return {**{k: self.totals[k] for k in ("in", "kept", "dropped", "errors")},
@@ -169,6 +205,8 @@ def manifest(config: CleanConfig, collected: Collected, checkpoint: dict[str, An
                                                           "embed": resume.RUNTIME_ONLY}),
         "cutoff": collected.cutoff, "shards": collected.shards, "outputs": run_wide,
         "counts": collected.counts(), "renamed_keys": collected.renamed_keys,
+        "estimates": estimates.estimates(estimates.from_annotated(
+            collected.sums, [join(config.output, path) for path in collected.unsummed])),
     }
 
 
@@ -181,8 +219,8 @@ def remove_unlisted(config: CleanConfig, shard_ids: list[str], listed: set[str])
     """Delete files in annotated/, filtered/, shards/ and results/ that this run's shards did not write (left by an
     earlier run on more inputs), so the folder holds exactly what the manifest lists; the count removed.
     Caches (embeddings/, scores/, checkpoint/) stay: they are keyed and cost compute to rebuild. A writer's
-    `.tmp-*` file in progress is left alone."""
-    keep = set(listed)
+    `.tmp-*` file in progress is left alone. The run's shards/sizes.json stays (the manifest lists it too)."""
+    keep = set(listed) | {f"{SHARDS_DIR}/{SIZES}"}
     keep |= {relative(config.output, result_path(config.output, sid)) for sid in shard_ids}
     fs, root = fsspec.core.url_to_fs(config.output)
     removed = 0
@@ -211,11 +249,16 @@ def finalize_stage(config: CleanConfig, shard_ids: list[str], checkpoint_path: s
     filtered = [join(config.output, path) for path in collected.filtered]
     run_wide = [output_entry(config, keep_path, "keep_keys", write_keep_keys(filtered, keep_path))]
     uids_path = join(config.output, KEEP_UIDS)
-    uid_count = write_keep_uids(keep_path, uids_path)
-    if uid_count is not None:
-        run_wide.append(output_entry(config, uids_path, "keep_uids", uid_count))
+    uids = write_keep_uids(keep_path, uids_path)
+    if isinstance(uids, int):
+        run_wide.append(output_entry(config, uids_path, "keep_uids", uids))
     run_wide.append(output_entry(config, table.path, "shards_table", table.rows))
+    cleaned = relative_cleaned(config)  # shards/{00000..N}.tar for a trainer, and their sizes.json
+    if cleaned is not None:
+        run_wide.append(output_entry(config, join(config.output, cleaned["sizes"]), "sizes", cleaned["samples"]))
     record = manifest(config, collected, _checkpoint_entry(config, checkpoint_path), run_wide)
+    record["cleaned_shards"] = cleaned
+    record["keep_uids"] = KEEP_UIDS if isinstance(uids, int) else uids  # the file, or why there is none
     if execution:
         record["execution"] = execution
     path = join(config.output, MANIFEST)

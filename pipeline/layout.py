@@ -5,8 +5,12 @@
     scores/<shard_id>.parquet         score: score columns per sample
     annotated/<shard_id>.parquet      write: every input sample with decision, reason and scores
     filtered/<shard_id>.parquet       write: kept rows of annotated
-    shards/<shard_id>-NNNNN.tar       write: cleaned WebDataset shards (+ NNNNN_stats.json)
-    results/<shard_id>.json           write: per-shard result, the stage's completion marker (written last)
+    shards/NNNNN.tar                  pack: cleaned WebDataset shards numbered over the whole run (+ NNNNN_stats.json)
+    shards/sizes.json                 pack: samples per cleaned shard, as open_clip's loader reads it
+    shards/.parts/<shard_id>.*        write -> pack: one input shard's kept samples (tar, table, marker) until
+                                      they are packed; `<shard_id>.index.parquet` (each kept sample's row and
+                                      bytes) stays, so a later run can plan again without rereading the input
+    results/<shard_id>.json           pack: per-shard result, the shard's completion marker (written last)
     keep_keys.parquet, manifest.json  finalize
     report.html                       report
     run-config.json                   the configuration that owns the folder (pipeline/owner.py), before any work
@@ -23,6 +27,7 @@ EMBED_DIR, SCORE_DIR, CHECKPOINT_DIR = "embeddings", "scores", "checkpoint"
 ANNOTATED_DIR, FILTERED_DIR, SHARDS_DIR, RESULTS_DIR = "annotated", "filtered", "shards", "results"
 KEEP_KEYS, MANIFEST, REPORT = "keep_keys.parquet", "manifest.json", "report.html"
 RUN_CONFIG = "run-config.json"
+PARTS_DIR, SIZES = ".parts", "sizes.json"
 
 
 def embedding_path(output: str, shard: str) -> str:
@@ -47,6 +52,17 @@ def filtered_path(output: str, sid: str) -> str:
 
 def result_path(output: str, sid: str) -> str:
     return join(output, RESULTS_DIR, f"{sid}.json")
+
+
+def part_path(output: str, sid: str, suffix: str) -> str:
+    """A write's hand-over to the pack step: `.tar` (kept samples), `.parquet` (the shard's rows before their
+    output shard is known), `.json` (the write's marker), `.index.parquet` (kept samples' rows and bytes)."""
+    return join(output, SHARDS_DIR, PARTS_DIR, f"{sid}{suffix}")
+
+
+def output_shard_path(output: str, name: str, suffix: str = ".tar") -> str:
+    """A cleaned shard (`00003` -> shards/00003.tar) or its stats (suffix `_stats.json`)."""
+    return join(output, SHARDS_DIR, f"{name}{suffix}")
 
 
 def relative(output: str, path: str) -> str:

@@ -94,6 +94,16 @@ def with_shards(record: Any, output: str) -> Any:
     return {**record, "inputs": inputs, "outputs": outputs + record.get("outputs", [])}
 
 
+def summary_fields(output: str) -> dict[str, Any]:
+    """What a run's summary takes from OUTPUT/manifest.json besides the counts: `keep_uids` (the file's path, or
+    why it was not written) and `estimates` (pipeline.estimates)."""
+    record = read_json(join(output, MANIFEST))
+    record = record if isinstance(record, dict) else {}
+    written = next((o for o in record.get("outputs", []) if o.get("kind") == "keep_uids"), None)
+    keep_uids = join(output, written["path"]) if written else record.get("keep_uids")
+    return {"keep_uids": keep_uids, "estimates": record.get("estimates")}
+
+
 def read_manifest(output: str) -> dict[str, Any] | None:
     """OUTPUT/manifest.json with its per-shard part (`with_shards`); None when there is no manifest."""
     record = read_json(join(output, MANIFEST))

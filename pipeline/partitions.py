@@ -29,9 +29,10 @@ from bicro_clean.pipeline.finalize import finalize_stage, total_counts
 from bicro_clean.pipeline.layout import MANIFEST, embedding_path, scores_path
 from bicro_clean.pipeline.outlock import output_lock
 from bicro_clean.pipeline.parquet_io import digest, join
-from bicro_clean.pipeline.run import input_shards, report_stage
+from bicro_clean.pipeline.pack import pack_stage
+from bicro_clean.pipeline.run import InProcess, input_shards, report_stage
+from bicro_clean.pipeline.shard_groups import outputs, write_group
 from bicro_clean.pipeline.shards import shard_id
-from bicro_clean.pipeline.write import write_stage
 from bicro_clean.pipeline.writers import read_json
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,9 @@ def check_plan(the_plan: Any, partition: Partition) -> None:
 
 def apply(partition: Partition, the_plan: dict[str, Any]) -> dict[str, Any]:
     """Rewrite one partition's decisions and outputs with the plan's rule, cutoff and repeated keys: its write
-    (shards whose decisions did not change are skipped by their cache key), finalize and report."""
+    (shards whose decisions did not change are skipped by their cache key), pack, finalize and report. Each
+    partition is its own output folder, so its cleaned shards are numbered from shards/00000.tar with their own
+    sizes.json: a trainer lists every partition's brace range (open_clip: joined by `::`)."""
     check_plan(the_plan, partition)
     config = _config(partition.config, partition.output, the_plan["select"])
     ids = [shard_id(s) for s in partition.shards]
@@ -155,8 +158,11 @@ def apply(partition: Partition, the_plan: dict[str, Any]) -> dict[str, Any]:
     with output_lock(config.output, digest(resume.config_hash(config), ids)):
         owner.claim_output(config)
         owner.retire_manifest(config.output)  # the outputs it lists are rewritten now; finalize writes it again
-        written = [write_stage(shard, config, run_wide) for shard in partition.shards]
+        executor = InProcess()
+        written = outputs(executor.map(write_group, executor.shard_batches(partition.shards), config, run_wide))
+        cleaned = pack_stage(executor, config, partition.shards, run_wide)
         manifest = finalize_stage(config, ids, partition.checkpoint)
         report = report_stage(config, manifest)
-    return {"output": partition.output, "manifest": manifest, "report": report, "shards": len(written),
+    return {"output": partition.output, "manifest": manifest, "report": report, "cleaned_shards": cleaned,
+            "shards": len(written),
             "cached_shards": sum(w["cached"] for w in written), **total_counts(written)}

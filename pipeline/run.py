@@ -1,4 +1,4 @@
-"""The sequence of stages, written once: embed -> fit -> score -> select -> write -> finalize -> report.
+"""The sequence of stages, written once: embed -> fit -> score -> select -> write -> pack -> finalize -> report.
 
 `run_stages` is the whole run for any executor. An executor decides only *how* a stage runs: `InProcess`
 calls the stage functions directly (`--runner none`, `run_pipeline`); the Prefect flow (flows/clean_shards.py)
@@ -19,7 +19,9 @@ from bicro_clean.pipeline.checkpoint_use import check_checkpoint, given_checkpoi
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.finalize import finalize_stage, total_counts
 from bicro_clean.pipeline.fit import fit_stage, run_encoder
+from bicro_clean.pipeline.manifest_shards import summary_fields
 from bicro_clean.pipeline.outlock import output_lock
+from bicro_clean.pipeline.pack import pack_stage
 from bicro_clean.pipeline.parquet_io import digest
 from bicro_clean.pipeline.report import Scans, report_plan, report_scan, write_report
 from bicro_clean.pipeline.shards import expand_shard_spec, shard_id
@@ -69,6 +71,7 @@ def mapped_report(executor: Executor, config: CleanConfig, manifest_path: str) -
     """The report's per-row scan mapped over groups of annotated files; one task merges the small partials and
     writes the page (the same bytes as one pass)."""
     paths, setup = report_plan(config, manifest_path)
+    progress.report("report", total=len(paths))  # the bar counts annotated files scanned
     partials = executor.map(report_scan, executor.shard_batches(paths), setup)
     return executor.call(report_stage, config, manifest_path, (setup, partials))
 
@@ -116,6 +119,7 @@ def _run_stages(config: CleanConfig, executor: Executor, shards: list[str],
     clock = StageClock()
     logger.info("run: %d input shards -> %s", len(shards), config.output)
     groups = executor.shard_batches(shards)
+    progress.plan_pairs("embed", shards)  # the embed bar's total in pairs, counted while the stage starts
     embeds = clock("embed", executor.map, embed_group, groups, config)
     embedded = shard_groups.outputs(embeds)
     encoder = run_encoder(embedded)
@@ -133,13 +137,15 @@ def _run_stages(config: CleanConfig, executor: Executor, shards: list[str],
     owner.retire_manifest(config.output)  # the outputs it lists are rewritten now; finalize writes it again, last
     writes = clock("write", executor.map, write_group, groups, config, run_wide)
     written = shard_groups.outputs(writes)
+    # the kept samples into shards/NNNNN.tar numbered over the run, then annotated/ (pipeline/pack.py)
+    cleaned = clock("pack", pack_stage, executor, config, shards, run_wide)
     execution = shard_groups.execution(embeds + scored + writes)
     manifest = clock("finalize", executor.call, finalize_stage, config, [shard_id(s) for s in shards], checkpoint,
                      execution or None)
     report_path = clock("report", mapped_report, executor, config, manifest) if report else None
     summary = {"output": config.output, "manifest": manifest, "checkpoint": checkpoint, "report": report_path,
-               "shards": len(written), "cached_shards": sum(w["cached"] for w in written), **total_counts(written),
-               "lost_workers": [], "retries": {}, **execution, **clock.summary()}
+               "cleaned_shards": cleaned, "shards": len(written), "cached_shards": sum(w["cached"] for w in written), **total_counts(written),
+               "lost_workers": [], "retries": {}, **execution, **summary_fields(config.output), **clock.summary()}
     logger.info("run: stage seconds %s", summary["stage_seconds"])
     return summary, written
 

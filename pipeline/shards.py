@@ -13,18 +13,19 @@ Reading is split by concern: `bicro_clean.pipeline.tar_reader` streams a shard i
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
+import shlex
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from braceexpand import braceexpand
 from PIL import Image
+
+from bicro_clean.pipeline.shard_names import canonical_url, shard_id, shard_ids  # noqa: F401 (re-exported)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in priority order when a sample has several
 CAPTION_EXTENSION = "txt"
@@ -60,7 +61,6 @@ REASONS: dict[str, str] = {
 }
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
 class InputError(ValueError):
@@ -262,7 +262,7 @@ def _expand_local(pattern: str) -> Iterator[str]:
         if os.path.isdir(pattern):  # img2dataset's output folder: its shards
             matches = sorted(p for p in glob.glob(os.path.join(glob.escape(pattern), "*.tar")) if os.path.isfile(p))
             if not matches:
-                raise MissingInputError(f"folder {pattern!r} has no *.tar shards{_cwd_hint(pattern)}")
+                raise MissingInputError(_no_shards(pattern))
             yield from _checked(matches)
             return
         if not os.path.exists(pattern):
@@ -275,6 +275,28 @@ def _expand_local(pattern: str) -> Iterator[str]:
     if not matches:
         raise MissingInputError(f"no shard matches {pattern!r}{_cwd_hint(pattern)}")
     yield from _checked(matches)
+
+
+def _has_images(folder: str) -> bool:
+    """Whether the folder holds an image file (the first one found ends the listing); False when unlistable."""
+    suffixes = tuple(f".{x}" for x in IMAGE_EXTENSIONS)
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.lower().endswith(suffixes) and e.is_file() for e in entries)
+    except OSError:  # unreadable: the plain "no shards" message, never a traceback
+        return False
+
+
+def _no_shards(folder: str) -> str:
+    """Why a folder is no input. A folder of images (or make-shards' layout: images/ + captions.csv) is the
+    commonest: the message gives the command that makes shards of it."""
+    images = os.path.join(folder, "images") if os.path.isdir(os.path.join(folder, "images")) else folder
+    if not _has_images(images):
+        return f"folder {folder!r} has no *.tar shards{_cwd_hint(folder)}"
+    near = [os.path.join(f, "captions.csv") for f in (images, os.path.dirname(os.path.normpath(images)) or ".")]
+    captions = next((c for c in near if os.path.isfile(c)), "CAPTIONS.csv")
+    return (f"{folder!r} is a folder of images, not WebDataset shards; make shards first: bicro-clean make-shards "
+            f"--images {shlex.quote(images)} --captions {shlex.quote(captions)} --out SHARDS, then --input SHARDS")
 
 
 def _expand_remote_glob(pattern: str) -> Iterator[str]:
@@ -290,60 +312,6 @@ def _expand_remote_glob(pattern: str) -> Iterator[str]:
         raise MissingInputError(f"no shard matches {pattern!r}")
     for match in matches:
         yield head + sep + fs.unstrip_protocol(match)
-
-
-def canonical_url(url: str) -> str:
-    """One spelling per shard: a local path (or file:// URL) absolute and normalised (symlinks kept: the name the
-    user gave, not where it points today); a URL with its scheme lower-cased, and for http(s) the host lower-cased,
-    a default port dropped and "." / ".." segments resolved (object-store keys are literal: left as written). pipe:
-    commands stay as written."""
-    if not url or url.startswith("pipe:"):
-        return url
-    if "::" in url:  # chained fsspec URL ("simplecache::s3://b/x.tar"): the protocols, then the shard's own URL
-        head, _, last = url.rpartition("::")
-        return f"{head.lower()}::{canonical_url(last)}"
-    protocol, path = fsspec.core.split_protocol(url)
-    if protocol is None or protocol.lower() in ("file", "local"):
-        return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
-    if protocol.lower() not in ("http", "https"):
-        return protocol.lower() + url[len(protocol):]
-    parts = urlsplit(url)
-    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
-    default_port = ":80" if scheme == "http" else ":443"
-    netloc = netloc[: -len(default_port)] if netloc.endswith(default_port) else netloc
-    return urlunsplit((scheme, netloc, _remove_dot_segments(parts.path), parts.query, parts.fragment))
-
-
-def _remove_dot_segments(path: str) -> str:
-    """RFC 3986 5.2.4 on an absolute path: "/a/./b/../c" -> "/a/c"; repeated slashes are kept."""
-    if not path.startswith("/"):
-        return path
-    out: list[str] = []
-    segments = path.split("/")[1:]
-    for segment in segments:
-        if segment == ".":
-            continue
-        if segment == "..":
-            if out:
-                out.pop()
-            continue
-        out.append(segment)
-    trailing = [""] if segments[-1] in (".", "..") else []
-    return "/" + "/".join(out + trailing)
-
-
-def shard_id(url: str) -> str:
-    """Filesystem-safe, deterministic output stem for a shard, unique per shard: ``{stem}-{sha1(canonical)[:8]}``,
-    the same whichever way the path was spelled (relative, absolute, ``./``, ``file://``; see `canonical_url`)."""
-    canonical = canonical_url(url)
-    base = re.split(r"[/\\]", canonical.rstrip("/\\"))[-1]
-    for suffix in _SHARD_SUFFIXES:
-        if base.lower().endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:80] or "shard"
-    digest = hashlib.sha1(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    return f"{stem}-{digest}"
 
 
 # ------------------------------------------------------------------------------------------------ member names

@@ -1,10 +1,11 @@
-"""Write stage, per input shard: scores + decisions -> annotated/filtered Parquet and cleaned tars.
+"""Write stage, per input shard: scores + decisions -> the shard's part (kept samples and rows) for the pack step.
 
-The input shard is streamed once: kept samples are copied member for member into the cleaned shards (their JSON
-gains a "bicro" object with the scores), every sample gets its row in annotated/, and the result (counts, how
-far reading got, every output with its SHA-256) is written last as the shard's completion marker. A shard's
-write depends only on its own scores plus the run-wide values (`select.RunWide`), so shards can be written as
-independent tasks on different machines.
+The input shard is streamed once: kept samples are copied member for member into the shard's part (their JSON
+gains a "bicro" object with the scores; pipeline/parts.py), every sample gets its row in the part's table, and the
+result (counts, how far reading got, the part) is written last as the write's marker. A shard's write depends only
+on its own scores plus the run-wide values (`select.RunWide`), so shards can be written as independent tasks on
+different machines; the pack step (pipeline/pack.py) then numbers the cleaned shards over the whole run and writes
+annotated/, filtered/ and the shard's completion marker in results/.
 """
 
 from __future__ import annotations
@@ -13,35 +14,21 @@ import logging
 from collections import Counter
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
-from bicro_clean.pipeline import progress, resume, select
+from bicro_clean.pipeline import estimates, progress, resume, select
 from bicro_clean.pipeline.config import CleanConfig, ReaderConfig
 from bicro_clean.pipeline.content_id import SampleCheck
-from bicro_clean.pipeline.layout import (
-    SHARDS_DIR,
-    annotated_path,
-    embedding_path,
-    filtered_path,
-    relative,
-    result_path,
-    scores_path,
-)
-from bicro_clean.pipeline.parquet_io import file_sha256, input_fingerprint, join, package_version, read_columns
+from bicro_clean.pipeline.layout import embedding_path, part_path, relative, result_path, scores_path
+from bicro_clean.pipeline.parquet_io import file_sha256, input_fingerprint, package_version, read_columns
+from bicro_clean.pipeline.parquet_io import write_parquet_atomic
 from bicro_clean.pipeline.parquet_io import read_stage_metadata
 from bicro_clean.pipeline.score import DOUBLE_SCORES, FLOAT_SCORES
-from bicro_clean.pipeline.shards import RawSample, shard_id
+from bicro_clean.pipeline.shards import RawSample, shard_id, shard_ids
 from bicro_clean.pipeline.tar_reader import iter_shard
-from bicro_clean.pipeline.writers import (
-    ShardedTarWriter,
-    json_object,
-    kept_rows,
-    sample_members,
-    write_annotated,
-    write_json_atomic,
-)
+from bicro_clean.pipeline.parts import PartWriter
+from bicro_clean.pipeline.writers import json_object, read_json, sample_members, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +58,15 @@ def _truth_clean(doc: dict[str, Any]) -> bool | None:
 
 
 def copy_kept(shard: str, reader: ReaderConfig, table: pa.Table, plan: dict[str, Any],
-              writer: ShardedTarWriter, check: SampleCheck) -> None:
-    """Stream the input shard once: copy kept samples into `writer`, note every sample, collect truth_clean.
+              writer: PartWriter, check: SampleCheck) -> None:
+    """Stream the input shard once: copy kept samples into `writer` (with their rows), collect truth_clean.
 
     The embeddings (and so `table`) have exactly one row per reader item in reader order, so rows align by
     position. Every sample read must be the one embedded: same key at the same place, same member digest
     (`check`); otherwise the input changed since it was embedded, and InputChangedError stops the write before
     anything of this shard is published (pipeline/content_id.py).
     """
-    keys, decision, reason = table["key"].to_pylist(), plan["decision"], plan["reason"]
+    keys, decision = table["key"].to_pylist(), plan["decision"]
     scores = {c: table[c].to_pylist() for c in JSON_SCORES}
     row = -1
     for row, item in enumerate(iter_shard(shard, reader)):
@@ -94,18 +81,20 @@ def copy_kept(shard: str, reader: ReaderConfig, table: pa.Table, plan: dict[str,
             new_key = plan["output_key"][row]
             members = sample_members(item.key, item.members, item.names, new_key,
                                      bicro_json(scores, row, item.key, new_key), doc)
-            renamed = {"shard": shard, "key": item.key, "output_key": new_key} if new_key != item.key else None
-            plan["output_shard"][row] = writer.add(members, renamed)
-        writer.note(reason[row])
+            writer.add(row, members)
     if row + 1 != len(keys):
         raise check.changed(f"{row + 1} items where {len(keys)} were embedded")
 
 
 def annotated_table(table: pa.Table, plan: dict[str, Any], embeddings: pa.Table | None) -> pa.Table:
     """Scores table + decisions, in the documented column order (embeddings only when asked for)."""
-    columns: dict[str, pa.Array] = {"shard": table["shard"], "key": table["key"],
+    columns: dict[str, pa.Array] = {"shard": table["shard"],
+                                    "shard_id": pa.array(shard_ids(table["shard"].to_pylist()), pa.string()),
+                                    "key": table["key"],
                                     "output_key": pa.array(plan["output_key"], pa.string()),
-                                    "output_shard": pa.array(plan["output_shard"], pa.string()),
+                                    # filled in by the pack step, once the run's cleaned shards are numbered
+                                    "output_shard": pa.nulls(table.num_rows, pa.string()),
+                                    "output_index": pa.nulls(table.num_rows, pa.int64()),
                                     "decision": pa.array(list(plan["decision"]), pa.string()),
                                     "reason": pa.array(list(plan["reason"]), pa.string()),
                                     "detail": pa.array(plan["detail"], pa.string())}
@@ -122,16 +111,6 @@ def write_key(config: CleanConfig, scores_meta: dict[str, Any], cutoff: select.C
               renamed: list[tuple[str, str]]) -> str:
     return resume.stage_key(scores_meta.get(resume.KEY), resume.config_hash(config),
                             cutoff.as_dict() if cutoff else None, renamed, package_version())
-
-
-def _remove_stale_tars(config: CleanConfig, sid: str, keep: set[str]) -> None:
-    """Tars of an earlier run of this shard that produced more of them (the name pattern is this shard's only)."""
-    fs, _, (base,) = fsspec.get_fs_token_paths(join(config.output, SHARDS_DIR))
-    for pattern in (f"{sid}-[0-9][0-9][0-9][0-9][0-9].tar", f"{sid}-[0-9][0-9][0-9][0-9][0-9]_stats.json"):
-        for path in fs.glob(f"{base}/{pattern}"):
-            if path.rsplit("/", 1)[-1] not in keep:
-                logger.info("removing stale %s", path)
-                fs.rm(path)
 
 
 def output_entry(config: CleanConfig, path: str, kind: str, count: int | None,
@@ -170,28 +149,21 @@ def _metadata(config: CleanConfig, shard: str, scores_meta: dict[str, Any], key:
             "package_version": package_version(), "select": config.select.model_dump(mode="json")}
 
 
-def _write_outputs(config: CleanConfig, shard: str, sid: str, table: pa.Table, plan: dict[str, Any],
-                   meta: dict[str, Any]) -> list[dict[str, Any]]:
-    writer = ShardedTarWriter(join(config.output, SHARDS_DIR), sid, config.out.maxcount, config.out.maxsize)
+def _write_part(config: CleanConfig, shard: str, sid: str, table: pa.Table, plan: dict[str, Any],
+                meta: dict[str, Any]) -> dict[str, Any]:
+    """The shard's part: its kept samples' tar and index, and its rows (annotated/ less the output columns)."""
+    writer = PartWriter(part_path(config.output, sid, ".tar"))
     try:
         check = SampleCheck(shard, embedding_path(config.output, shard))  # what the embed stage read
         copy_kept(shard, config.reader, table, plan, writer, check)
-        tars = writer.close(shard)
+        part = writer.close(part_path(config.output, sid, ".index.parquet"), {"shard": shard})
     except BaseException:
         writer.abort()
         raise
-    _remove_stale_tars(config, sid, {f"{t.name}{s}" for t in tars for s in (".tar", "_stats.json")})
     embeddings = read_columns(embedding_path(config.output, shard), ["image_emb", "text_emb"]) \
         if config.out.keep_embeddings else None
-    annotated = annotated_table(table, plan, embeddings)
-    paths = [annotated_path(config.output, sid), filtered_path(config.output, sid)]
-    write_annotated(annotated, *paths, meta)
-    outputs = [output_entry(config, paths[0], "annotated", annotated.num_rows),
-               output_entry(config, paths[1], "filtered", kept_rows(annotated).num_rows)]
-    for tar in tars:
-        outputs.append(output_entry(config, tar.path, "tar", tar.successes, tar.sha256))
-        outputs.append(output_entry(config, tar.path[:-len(".tar")] + "_stats.json", "stats", tar.count))
-    return outputs
+    write_parquet_atomic(annotated_table(table, plan, embeddings), part_path(config.output, sid, ".parquet"), meta)
+    return {**part, "path": relative(config.output, part_path(config.output, sid, ".tar"))}
 
 
 def _fingerprint(url: str) -> str | None:
@@ -203,14 +175,15 @@ def _fingerprint(url: str) -> str | None:
 
 def _shard_result(config: CleanConfig, shard: str, scores_meta: dict[str, Any], key: str, plan: dict[str, Any],
                   cutoff: select.Cutoff | None, keys: list[str]) -> dict[str, Any]:
-    outputs = _write_outputs(config, shard, shard_id(shard), plan["table"], plan,
-                             _metadata(config, shard, scores_meta, key))
-    renamed = [{"shard": shard, "key": k, "output_key": n} for k, n, d in
+    part = _write_part(config, shard, shard_id(shard), plan["table"], plan,
+                       _metadata(config, shard, scores_meta, key))
+    renamed = [{"shard": shard, "shard_id": shard_id(shard), "key": k, "output_key": n} for k, n, d in
                zip(keys, plan["output_key"], plan["decision"]) if k != n and d == select.KEEP]
     return {"shard": shard, "shard_id": shard_id(shard), resume.KEY: key, "fingerprint": _fingerprint(shard),
             "checkpoint_sha256": scores_meta.get("checkpoint_sha256"),
             "cutoff": cutoff.as_dict() if cutoff else None, "counts": _counts(plan),
-            "reading": reading_report(plan["table"]), "outputs": outputs, "renamed_keys": renamed}
+            "reading": reading_report(plan["table"]), "part": part, "outputs": [], "renamed_keys": renamed,
+            "estimate_sums": estimates.shard_sums(plan["table"]["clean_score"], plan["decision"])}
 
 
 def summary(result: dict[str, Any], cached: bool) -> dict[str, Any]:
@@ -221,7 +194,8 @@ def summary(result: dict[str, Any], cached: bool) -> dict[str, Any]:
 def write_stage(shard: str, config: CleanConfig, run_wide: select.RunWide) -> dict[str, Any]:
     """Decide and write one input shard from its scores file (the score stage has written it).
 
-    Skipped (cached=True) when its completion marker records the same key and its outputs are intact.
+    Skipped (cached=True) when the shard's completion marker records the same key and its outputs are intact, or
+    when its part, written with that key, still waits for the pack step.
     """
     sid = shard_id(shard)
     scores = scores_path(config.output, shard)
@@ -231,14 +205,24 @@ def write_stage(shard: str, config: CleanConfig, run_wide: select.RunWide) -> di
     new_keys = output_keys(keys, np.asarray(table["status"].to_pylist(), dtype=object) == "ok", sid,
                            run_wide.duplicates)
     key = write_key(config, scores_meta, run_wide.cutoff, [(k, n) for k, n in zip(keys, new_keys) if k != n])
-    marker = result_path(config.output, sid)
-    done = resume.completed_result(marker, key, config.output, "annotated")
+    marker = part_path(config.output, sid, ".json")
+    done = resume.completed_result(result_path(config.output, sid), key, config.output, "annotated") \
+        or _pending_part(config, sid, marker, key)
     if done is not None:
         progress.report("write", advance=1)
         return summary(done, cached=True)
     plan = {**select.shard_decisions(config, table, run_wide.cutoff), "table": table, "output_key": new_keys,
-            "truth_clean": [None] * table.num_rows, "output_shard": [None] * table.num_rows}
+            "truth_clean": [None] * table.num_rows}
     result = _shard_result(config, shard, scores_meta, key, plan, run_wide.cutoff, keys)
     write_json_atomic(marker, result)
     progress.report("write", advance=1)
     return summary(result, cached=False)
+
+
+def _pending_part(config: CleanConfig, sid: str, marker: str, key: str) -> dict[str, Any] | None:
+    """The write's marker, if made with `key` and its part's files are all there (the pack step has not run)."""
+    result = read_json(marker)
+    if not isinstance(result, dict) or result.get(resume.KEY) != key:
+        return None
+    files = (".tar", ".parquet", ".index.parquet")
+    return result if all(resume.exists(part_path(config.output, sid, suffix)) for suffix in files) else None

@@ -4,9 +4,9 @@ Everything is written atomically (temp file, then rename) and deterministically:
 with mtime 0 and uid/gid 0, JSON with sorted keys, samples in input order. Rerunning a run therefore gives
 byte-identical files, and a crash never leaves a partial file under a final name.
 
-Cleaned shards are written per input shard (`<shard_id>-00000.tar`, `<shard_id>-00001.tar`, ...): each input
-shard's outputs depend on that shard alone (plus the global cutoff), so shards are independent tasks, a
-resumed run redoes only missing shards, and names never shift when another shard's kept count changes.
+Cleaned shards are numbered over the whole run (`00000.tar`, `00001.tar`, ...): each input shard's write puts its
+kept samples into a part (pipeline/parts.py) and the pack step (pipeline/pack.py) copies them into the numbered
+tars. The tar bytes are written here directly (`tar_header`, `sample_blob`, `tar_end`), as tarfile writes them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import logging
 import tarfile
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -26,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bicro_clean.pipeline.parallel_io import imap
-from bicro_clean.pipeline.parquet_io import atomic_output, join, write_parquet_atomic
+from bicro_clean.pipeline.parquet_io import atomic_output, write_parquet_atomic
+from bicro_clean.pipeline.shards import REASONS, shard_ids
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def tar_end(payload: int) -> bytes:
     return bytes(TAR_END + -(payload + TAR_END) % TAR_RECORD)
 
 
-class _HashingSink:
+class HashingSink:
     """Write-only file wrapper that hashes and counts what passes through (no re-read to fingerprint)."""
 
     def __init__(self, fh: Any) -> None:
@@ -181,7 +181,7 @@ class _HashingSink:
 class OutputShard:
     """One cleaned tar and its img2dataset-style stats."""
 
-    name: str  # e.g. "00003-00000" (input shard id, then output index)
+    name: str  # e.g. "00003" (shards/00003.tar)
     path: str = ""
     count: int = 0  # input samples attributed to this output shard (kept, dropped and failed)
     successes: int = 0  # samples written into the tar
@@ -190,81 +190,16 @@ class OutputShard:
     sha256: str = ""
     bytes: int = 0
 
-    def stats(self, input_shard: str) -> dict[str, Any]:
-        return {"shard": self.name, "input_shard": input_shard, "count": self.count,
-                "successes": self.successes, "failed": self.count - self.successes,
+    def stats(self, input_shards: list[str]) -> dict[str, Any]:
+        """`<name>_stats.json`: `count` is the input samples attributed to this tar (kept, dropped and failed) from
+        `input_shards` (as given), `successes` the samples in it."""
+        # img2dataset's `failed` means a sample that could not be had: here, one the reader could not use (a
+        # reader reason code); pairs the selection rule dropped are `dropped`, never `failed`
+        failed = sum(n for reason, n in self.status.items() if reason in REASONS)
+        return {"shard": self.name, "input_shards": input_shards, "count": self.count,
+                "successes": self.successes, "dropped": self.count - self.successes - failed, "failed": failed,
                 "status_dict": dict(sorted(self.status.items())), "renamed_keys": self.renamed,
                 "sha256": self.sha256, "bytes": self.bytes}
-
-
-class ShardedTarWriter:
-    """Writes `<prefix>-NNNNN.tar` under `out_dir`, starting a new tar at `maxcount` samples or `maxsize` bytes.
-
-    Every input sample is `note`d (counted in the open tar's stats, img2dataset style); kept ones are also
-    `add`ed. The first tar is opened up front, so an input shard with nothing kept still gets one (empty)
-    tar and stats whose counts reconcile with its input.
-    """
-
-    def __init__(self, out_dir: str, prefix: str, maxcount: int, maxsize: int) -> None:
-        self.out_dir, self.prefix, self.maxcount, self.maxsize = out_dir, prefix, maxcount, maxsize
-        self.done: list[OutputShard] = []
-        self._stack: ExitStack | None = None
-        self._open_next()
-
-    def _open_next(self) -> None:
-        self.current = OutputShard(f"{self.prefix}-{len(self.done):05d}")
-        self.current.path = join(self.out_dir, f"{self.current.name}.tar")
-        self._payload = 0  # bytes of members in the open tar: its write offset
-        self._stack = ExitStack()
-        tmp = self._stack.enter_context(atomic_output(self.current.path))
-        self._sink = _HashingSink(self._stack.enter_context(fsspec.open(tmp, "wb")))
-
-    def _close_current(self) -> None:
-        self._sink.write(tar_end(self._payload))
-        self.current.sha256, self.current.bytes = self._sink.sha.hexdigest(), self._sink.size
-        self._stack.close()  # closes the file and renames the temp file into place
-        self.done.append(self.current)
-
-    def _fits(self, size: int) -> bool:
-        if self.current.successes == 0:
-            return True  # a sample larger than maxsize still gets written, alone in its tar
-        within_size = self._payload + size + TAR_END <= self.maxsize
-        return self.current.successes < self.maxcount and within_size
-
-    def note(self, reason: str) -> None:
-        self.current.count += 1
-        self.current.status[reason] += 1
-
-    def add(self, members: list[tuple[str, bytes]], renamed: dict[str, str] | None = None) -> str:
-        """Append one sample's members; returns the output shard name it went to.
-
-        The tar is written directly, as tarfile's stream mode would write it (header, data, zero padding to a
-        block per member; `tar_end` at close): tarfile's per-member machinery was most of the write stage's
-        time (docs/benchmarks.md). One write per sample keeps the hashing sink's per-call cost low.
-        """
-        blob = sample_blob(members)
-        if not self._fits(len(blob)):
-            self._close_current()
-            self._open_next()
-        self._payload += len(blob)
-        self._sink.write(blob)
-        self.current.successes += 1
-        if renamed:
-            self.current.renamed.append(renamed)
-        return self.current.name
-
-    def abort(self) -> None:
-        """Drop the open tar's temp file (an exception in the caller must not publish a partial shard)."""
-        if self._stack is not None:
-            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-    def close(self, input_shard: str) -> list[OutputShard]:
-        """Finish the open tar and write every tar's `<name>_stats.json`."""
-        self._close_current()
-        self._stack = None
-        for shard in self.done:
-            write_json_atomic(join(self.out_dir, f"{shard.name}_stats.json"), shard.stats(input_shard))
-        return self.done
 
 
 # ---------------------------------------------------------------- JSON and Parquet outputs
@@ -298,8 +233,8 @@ def kept_rows(table: pa.Table) -> pa.Table:
 
 
 def write_keep_keys(filtered_paths: Iterable[str], path: str) -> int:
-    """(shard, key, uid) of every kept sample, streamed one filtered file at a time; returns the row count. uid is
-    null where the sample's .json has none (or a filtered file has no uid column)."""
+    """(shard, shard_id, key, uid) of every kept sample, streamed one filtered file at a time; returns the row count.
+    uid is null where the sample's .json has none (or a filtered file has no uid column)."""
     rows = 0
     with atomic_output(path) as tmp, fsspec.open(tmp, "wb") as fh:
         with pq.ParquetWriter(fh, KEEP_KEYS_SCHEMA, compression="zstd") as writer:
@@ -309,7 +244,8 @@ def write_keep_keys(filtered_paths: Iterable[str], path: str) -> int:
     return rows
 
 
-KEEP_KEYS_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("uid", pa.string())])
+KEEP_KEYS_SCHEMA = pa.schema([("shard", pa.string()), ("shard_id", pa.string()), ("key", pa.string()),
+                              ("uid", pa.string())])
 
 
 def _keep_keys_part(filtered: str) -> pa.Table:
@@ -319,4 +255,6 @@ def _keep_keys_part(filtered: str) -> pa.Table:
         part = source.read(columns=names)
     if "uid" not in names:
         part = part.append_column("uid", pa.nulls(part.num_rows, pa.string()))
+    if "shard_id" not in names:  # a filtered file written before it had the column: the same ids, computed
+        part = part.append_column("shard_id", pa.array(shard_ids(part["shard"].to_pylist()), pa.string()))
     return part.select(KEEP_KEYS_SCHEMA.names).cast(KEEP_KEYS_SCHEMA)

@@ -7,6 +7,10 @@ fixed number formatting, so rerunning a cached run rewrites the same file.
 The selection column (select.column, clean_score by default) is the page's main column: the headline AUROC, the
 main histogram, the galleries' ranking and the slider's starting column.
 
+Without labels the page still says what a threshold buys, from clean_score (a calibrated P(clean)): the expected
+precision of the kept pairs, the expected clean pairs lost and the run's one noise estimate (1 - mean clean_score,
+as pipeline/estimates.py defines it for the run summary and the manifest).
+
 Memory stays bounded by one shard: histograms and gallery picks are aggregated per annotated file, the loss
 sample is scored per embeddings file, and thumbnails are cut while streaming only the shards that hold them.
 The per-row scan can run mapped over groups of annotated files (`report_plan`, then `report_scan` per group, then
@@ -14,11 +18,17 @@ The per-row scan can run mapped over groups of annotated files (`report_plan`, t
 grouped.
 
     scan         the selection rule as applied; histograms, per-shard counts and gallery picks
-    threshold    per score column: fine histograms (with truth) and example pairs, for choosing a threshold
+    threshold    per score column: fine histograms (with truth), clean_score sums per bin and example pairs, for
+                 choosing a threshold
+    buys         what a threshold buys without labels: the one noise estimate, whether the threshold matters
+    commands     the `bicro-clean run` / `select` commands a slider position stands for
+    kinds        detection per noise kind (a noise_kind column)
     compare      clean_score next to an aligned encoder's cosine: Spearman and kept-set overlap on a seeded sample
     slider       the threshold slider: inline JSON data and an inline script (no network, no library)
     diagnostics  the fitted loss mixtures over a seeded loss sample (needs the run's checkpoint)
     thumbnails   gallery and anchor images cut from the input shards
+    gallery      the pair cards and gallery sections
+    text         escaping and the stat card
     svg          a small deterministic SVG plotting library
     plots        the report's plots, drawn with it
     page         the HTML page, styled by report.css

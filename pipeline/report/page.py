@@ -4,19 +4,20 @@ stylesheet (report.css, shipped as package data) inlined.
 
 from __future__ import annotations
 
-import html
-import re
-import math
 from importlib.resources import files
 from typing import Any
 
 from bicro_clean.pipeline.config import CleanConfig
 from bicro_clean.pipeline.report.diagnostics import LossDiagnostics
 from bicro_clean.pipeline.report.plots import mixture_plot, stacked_histogram, threshold_plot
+from bicro_clean.pipeline.report.buys import flat_note, kept_precision, kinds_table, noise_card, noise_estimate
+from bicro_clean.pipeline.report.commands import run_commands
 from bicro_clean.pipeline.report.compare import Agreement, agreement
 from bicro_clean.pipeline.report.scan import Rule, Stats
 from bicro_clean.pipeline.report.slider import slider_section
-from bicro_clean.pipeline.report.thumbnails import Thumb, shards_by_id, shown_uri, split_pair_key
+from bicro_clean.pipeline.report.gallery import gallery_sections
+from bicro_clean.pipeline.report.text import esc, stat_card
+from bicro_clean.pipeline.report.thumbnails import Thumb
 from bicro_clean.pipeline.shards import REASONS
 
 # Package data (pyproject.toml ships *.css in wheels); inlined so the page needs no second file.
@@ -35,21 +36,6 @@ CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src
        "script-src-attr 'none'; require-trusted-types-for 'script'; base-uri 'none'; form-action 'none'")
 
 
-# C0/C1 control characters (tab, newline and carriage return aside) are shown as visible \xNN escapes: a caption's
-# NUL or ESC byte must never reach the page raw (browsers and terminals that display it misbehave)
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def esc(value: Any) -> str:
-    text = "" if value is None else str(value)
-    return html.escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
-
-
-def stat_card(kind: str, title: str, value: str, sub: str = "") -> str:
-    return (f'<div class="card stat {kind}"><div class="k">{esc(title)}</div><div class="v">{esc(value)}</div>'
-            f'<div class="s">{esc(sub)}</div></div>')
-
-
 def _share(part: int, whole: int) -> str:
     return f"{part / whole:.1%} of input" if whole else ""
 
@@ -62,17 +48,15 @@ def count_cards(counts: dict[str, Any]) -> list[str]:
             stat_card("err", "Errors", f"{counts.get('errors', 0):,}", _share(counts.get("errors", 0), total))]
 
 
-def estimate_cards(counts: dict[str, Any], stats: Stats, losses: LossDiagnostics | None, rule: Rule) -> list[str]:
+def estimate_cards(manifest: dict[str, Any], stats: Stats, rule: Rule, noise: float | None) -> list[str]:
+    """The run's one noise estimate (buys.py), the share it dropped and the expected precision of what it kept."""
+    counts = manifest.get("counts", {})
     kept_share = counts.get("kept", 0) / stats.scored if stats.scored else float("nan")
-    cards = [stat_card("est", "Dropped share", f"{1 - kept_share:.1%}" if stats.scored else "n/a",
-                       "1 − kept / scored pairs")]
-    if losses is not None:
-        per_net = ", ".join(f"{v.noisy_weight:.3f}" for v in losses.views)
-        cards.insert(0, stat_card("est", "Estimated noise", f"{losses.noisy_weight:.1%}",
-                                  f"mixture noisy weight (networks: {per_net})"))
-    total, n = stats.kept_clean_score
-    if n:  # clean_score is calibrated: its mean over the kept pairs estimates their clean share without truth
-        cards.append(stat_card("est", "Expected kept precision", f"{total / n:.1%}",
+    cards = noise_card(noise, stats.bins) + [stat_card("est", "Dropped share", f"{1 - kept_share:.1%}" if stats.scored
+                                                else "n/a", "1 − kept / scored pairs")]
+    precision = kept_precision(manifest, *stats.kept_clean_score)
+    if precision is not None:  # clean_score is calibrated: its mean over the kept pairs is their expected clean share
+        cards.append(stat_card("est", "Expected kept precision", f"{precision:.1%}",
                                "mean clean_score of the kept pairs"))
     return cards + truth_cards(stats, rule)
 
@@ -185,19 +169,29 @@ COLUMN_NOTES = {
 }
 
 
-def threshold_section(rule: Rule, stats: Stats, thumbs: dict[tuple[str, str], Thumb]) -> str:
+EXPECTED_TEXT = ("Without labels, clean_score (a calibrated probability that a pair is clean) says what a threshold "
+                 "buys: the expected precision of the kept pairs is their mean clean_score (the curves' dotted "
+                 "<i>expected</i> line), and the expected clean pairs lost is the sum of clean_score over the pairs "
+                 "it drops. ")
+
+
+def threshold_section(config: CleanConfig, rule: Rule, stats: Stats, thumbs: dict[tuple[str, str], Thumb],
+                      noise: float | None) -> str:
     bins = stats.bins
-    truth = ("Precision = share of the kept pairs that are truly clean; recall = share of the truly clean pairs "
-             "that are kept (from the <code>truth_clean</code> column, as benchmark shards carry). "
-             if bins.has_truth else "No <code>truth_clean</code> column: only the kept fraction is known. ")
+    truth = ("Measured precision = share of the kept pairs that are truly clean; recall = share of the truly clean "
+             "pairs that are kept (from the <code>truth_clean</code> column, as benchmark shards carry); the curves "
+             "set the measured precision next to the expected one. "
+             if bins.has_truth else "No <code>truth_clean</code> column: nothing is measured, only expected. ")
     lead = (f'<p class="lead">A threshold <i>t</i> on one score column keeps the scored pairs with score ≥ <i>t</i>. '
-            f'{truth}Move the slider to see the count it keeps and the pairs right at the cut; the curves show '
-            f'the same for every column. The slider starts on this run\'s column, <code>{esc(rule.column)}</code>, '
-            f'at its {"cutoff" if rule.by_fraction else "threshold"}.</p>')
+            f'{EXPECTED_TEXT if noise is not None else ""}{truth}Move the slider to see the count it '
+            f'keeps, what it is expected to buy, the command that applies it and the pairs right at the cut; the '
+            f'curves show the same for every column. The slider starts on this run\'s column, '
+            f'<code>{esc(rule.column)}</code>, at its {"cutoff" if rule.by_fraction else "threshold"}.</p>')
     cards = [plot_card(name, threshold_plot(column, rule), COLUMN_NOTES.get(name, ""))
              for name, column in bins.columns.items()]
-    return (f'{lead}{slider_section(bins, rule.column, rule.threshold, thumbs)}'
-            f'<div class="plots three">{"".join(cards)}</div>')
+    commands = run_commands(config, rule.by_fraction)
+    return (f'{lead}{flat_note(bins)}{slider_section(bins, rule.column, rule.threshold, thumbs, commands, noise)}'
+            f'<div class="plots three">{"".join(cards)}</div>{kinds_table(stats)}')
 
 
 MAX_SHARD_ROWS = 500  # beyond this, the shards with the highest dropped + error share
@@ -229,7 +223,8 @@ def mixture_lead(losses: LossDiagnostics | None) -> str:
         return '<p class="lead">No checkpoint in the manifest: the fitted mixtures are not drawn.</p>'
     return (f'<p class="lead">Each network\'s {esc(losses.division.upper())} over its min-max normalised per-pair '
             f'loss (against the stored negative bank), on a seeded sample of {losses.sample:,} pairs. Low loss = '
-            f'clean; p_clean is the green component\'s share.</p>')
+            f'clean; p_clean is the green component\'s share. A component\'s weight is a parameter of this fit, '
+            f'not an estimate of the crawl\'s noise (that is 1 − mean clean_score, under Noise).</p>')
 
 
 def mixture_cards(losses: LossDiagnostics | None) -> list[str]:
@@ -237,114 +232,6 @@ def mixture_cards(losses: LossDiagnostics | None) -> list[str]:
     return [plot_card(f"Network {'AB'[k] if k < 2 else k}", mixture_plot(view, f"network {'AB'[k] if k < 2 else k}"),
                       f"Noisy weight {view.noisy_weight:.3f}; clean component mean {view.clean_mean:.3f}.")
             for k, view in enumerate(views)]
-
-
-# ---------------------------------------------------------------- galleries
-
-
-def image_tag(thumb: Thumb | None, alt: str, extra: str = "") -> str:
-    uri = shown_uri(thumb)
-    if uri is None:
-        return f'<div class="img noimg {extra}">no image</div>'
-    return f'<img class="img {extra}" src="{esc(uri)}" alt="{esc(alt)}">'
-
-
-def _chip(text: str, kind: str = "") -> str:
-    return f'<span class="chip {kind}">{esc(text)}</span>'
-
-
-def score_chips(row: dict[str, Any]) -> str:
-    decision = row["decision"] if row["reason"] == "kept" else f"{row['decision']}: {row['reason']}"
-    chips = [_chip(decision, row["decision"])]
-    if row.get("truth_clean") is not None:
-        clean = bool(row["truth_clean"])
-        chips.append(_chip("truly clean" if clean else "truly noisy", "t-clean" if clean else "t-noisy"))
-    return f'<div class="chips">{"".join(chips)}</div>'
-
-
-def score_text(value: float) -> str:
-    """Three decimals; tiny non-zero values (clean_score's confident noisy pairs) as 1.2e-05, not 0.000."""
-    return f"{value:.1e}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
-
-
-def score_grid(row: dict[str, Any], rule: Rule) -> str:
-    cells = []
-    for column in dict.fromkeys((rule.column, "soft_label", "p_clean", "consistency", "match_score")):
-        value = row.get(column)
-        if isinstance(value, float) and not math.isnan(value):
-            cells.append(f"<dt>{esc(column)}</dt><dd>{score_text(value)}</dd>")
-    return f'<dl class="scores">{"".join(cells)}</dl>'
-
-
-def anchor_block(label: str, pair: str | None, by_id: dict[str, str],
-                 thumbs: dict[tuple[str, str], Thumb]) -> str:
-    sid, key = split_pair_key(pair) if pair else ("", "")
-    thumb = thumbs.get((by_id.get(sid, ""), key))
-    caption = thumb.caption if thumb else ("none" if not pair else f"{pair} (not found)")
-    return (f'<div class="anchor">{image_tag(thumb, caption)}<div class="t"><b>{esc(label)}</b>'
-            f'<span title="{esc(caption)}">{esc(caption)}</span></div></div>')
-
-
-def pair_card(row: dict[str, Any], rule: Rule, by_id: dict[str, str],
-              thumbs: dict[tuple[str, str], Thumb]) -> str:
-    caption = row.get("caption") or ""
-    anchors = (anchor_block("by image", row.get("anchor_key_i2t"), by_id, thumbs)
-               + anchor_block("by text", row.get("anchor_key_t2i"), by_id, thumbs))
-    return (f'<div class="card pair"><div class="top">{image_tag(thumbs.get((row["shard"], row["key"])), caption)}'
-            f'<div class="body"><p class="cap" title="{esc(row["key"])}">{esc(caption)}</p>{score_chips(row)}'
-            f'{score_grid(row, rule)}</div></div><div class="near">nearest clean anchors</div>'
-            f'<div class="anchors">{anchors}</div></div>')
-
-
-GALLERIES = (("lowest", "Lowest {column}"), ("borderline", "Borderline"), ("random_kept", "Random kept pairs"))
-RANDOM_KEPT_LEAD = "A seeded random sample of what goes into the cleaned shards: these should look right."
-CARD_NOTE = ("Each card: the pair's image and caption, its decision (and the truth where known), its scores, and "
-             "the clean anchors nearest to its image (by image) and to its caption (by text); consistency is high "
-             "when those anchors agree with the pairing.")
-
-
-def lowest_lead(rule: Rule) -> str:
-    if rule.column == "soft_label":
-        return ("The pairs BiCro trusts least (lowest soft_label, ties by p_clean, then a seeded random order): most "
-                "should be mismatched. Many sit at exactly 0: pairs in the noisy set whose consistency is at most "
-                "tau.")
-    if rule.column == "clean_score":
-        return ("The pairs with the lowest clean_score, the smallest estimated probability of being clean: most "
-                "should be mismatched.")
-    return (f"The pairs with the lowest {rule.column} (ties in a seeded random order): most should be "
-            f"mismatched.")
-
-
-def borderline_lead(rule: Rule) -> str:
-    cut = "cutoff" if rule.by_fraction else "threshold"
-    lead = (f"The pairs whose {rule.column} is nearest this run's {cut} {rule.threshold:.4g}: a small change of "
-            f"threshold flips their decision, so this is where the rule is hardest to get right.")
-    if rule.column == "clean_score":
-        lead += (" clean_score is a calibrated probability that the pair is clean: the mean clean_score over a set "
-                 "of pairs is the expected share of clean pairs in it. So these cards are the pairs nearest the "
-                 f"{cut}, each clean with a probability of about {min(max(rule.threshold, 0.0), 1.0):.0%}: expect "
-                 "a mix of right and wrong pairings here.")
-    if rule.column == "soft_label":
-        lead += (" How soft_label is built: anchors (the most confident clean pairs) get 1; other pairs the mixture "
-                 "puts in its clean set (p_clean > clean_threshold) get 0.5 + consistency / 2; noisy-set pairs get "
-                 "their consistency, or 0 when it is at most tau. A soft_label of exactly 0.500 is therefore a "
-                 "clean-set pair with zero consistency: the loss says clean, its neighbours disagree. A rule of "
-                 "soft_label ≥ 0.5 keeps them, which is why many borderline cards read 0.500.")
-    return lead
-
-
-def gallery_sections(picks: dict[str, list[dict[str, Any]]], rule: Rule, manifest: dict[str, Any],
-                     thumbs: dict[tuple[str, str], Thumb]) -> str:
-    by_id = shards_by_id(manifest)
-    out = []
-    leads = {"lowest": lowest_lead(rule), "borderline": borderline_lead(rule), "random_kept": RANDOM_KEPT_LEAD}
-    for name, title in GALLERIES:
-        title, lead = title.format(column=rule.column), leads[name]
-        cards = "".join(pair_card(row, rule, by_id, thumbs) for row in picks.get(name, []))
-        body = cards or '<div class="card"><p class="sub">No pairs.</p></div>'
-        out.append(f'<section id="{name}"><h2>{esc(title)}</h2><p class="lead">{esc(lead)} {esc(CARD_NOTE)}</p>'
-                   f'<div class="gallery">{body}</div></section>')
-    return "".join(out)
 
 
 # ---------------------------------------------------------------- page
@@ -368,16 +255,17 @@ def footer(manifest: dict[str, Any]) -> str:
 def render_page(config: CleanConfig, manifest: dict[str, Any], rule: Rule, stats: Stats,
                 picks: dict[str, list[dict[str, Any]]], losses: LossDiagnostics | None,
                 thumbs: dict[tuple[str, str], Thumb]) -> str:
-    counts = manifest.get("counts", {})
+    counts, noise = manifest.get("counts", {}), noise_estimate(manifest, stats.bins)
     body = (header(config, manifest, rule)
             + f'<section id="counts"><div class="stats">{"".join(count_cards(counts))}</div>'
-            + f'<h2>Noise</h2><div class="stats">{"".join(estimate_cards(counts, stats, losses, rule))}</div>'
+            + f'<h2>Noise</h2><div class="stats">{"".join(estimate_cards(manifest, stats, rule, noise))}</div>'
             + f'{compare_section(counts, stats)}</section>'
             + f'<section id="reasons"><h2>Decisions by reason</h2>{reason_table(counts)}</section>'
-            + f'<section id="threshold"><h2>Choosing a threshold</h2>{threshold_section(rule, stats, thumbs)}</section>'
+            + f'<section id="threshold"><h2>Choosing a threshold</h2>'
+            + f'{threshold_section(config, rule, stats, thumbs, noise)}</section>'
             + f'<section id="plots"><h2>Scores</h2>{plots_section(config, rule, stats, losses)}</section>'
             + f'<section id="shards"><h2>Per shard</h2>{shard_table(stats)}</section>'
-            + gallery_sections(picks, rule, manifest, thumbs) + footer(manifest))
+            + gallery_sections(picks, rule, manifest, thumbs, stats.truth["rows"] > 0) + footer(manifest))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'

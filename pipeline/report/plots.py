@@ -55,17 +55,23 @@ def mixture_plot(view: LossView, name: str) -> str:
 
 
 PRECISION_COLOR, RECALL_COLOR, KEPT_COLOR = KEEP_COLOR, "#ae3ec9", "#3b5bdb"
+EXPECTED_COLOR = "#f08c00"
 CURVE_STEP = 5  # draw every 5th of the 1,000 bin edges: 201 points per line
 
 
 def threshold_plot(column: ColumnBins, rule: Rule) -> str:
-    """Kept fraction, and precision/recall of truly clean pairs when truth is known, against a threshold on one
-    score column (exact at the drawn bin edges)."""
+    """Kept fraction, the expected precision (mean clean_score of the kept pairs), and the measured precision and
+    recall of truly clean pairs when truth is known, against a threshold on one score column (exact at the drawn
+    bin edges)."""
     xs, curves = column.edges()[::CURVE_STEP], column.curves()
     frame = Frame(column.lo, column.hi, 0.0, 1.05, width=SMALL_PLOT)
     parts = axes(frame, f"threshold on {column.name}", "fraction")
     items = [("kept", KEPT_COLOR)]
-    for name, color, dash in (("precision", PRECISION_COLOR, ""), ("recall", RECALL_COLOR, "5 3")):
+    expected = column.expected()  # from clean_score, no truth needed: measured precision is drawn next to it
+    # "expected": the expected precision (a short label: four legend items fit the small plot's width)
+    curves = {**curves, "expected": expected["precision"] if expected is not None else None}
+    for name, color, dash in (("precision", PRECISION_COLOR, ""), ("recall", RECALL_COLOR, "5 3"),
+                              ("expected", EXPECTED_COLOR, "2 2")):
         values = curves[name]
         if values is not None:
             ys = values[::CURVE_STEP]
@@ -77,4 +83,5 @@ def threshold_plot(column: ColumnBins, rule: Rule) -> str:
         parts.append(vline(frame, rule.threshold, f"this run {rule.threshold:.3g}",
                            low=frame.sx(rule.threshold) > frame.width / 2))
     parts += legend(frame, items)
-    return svg(frame, parts, f"kept fraction, precision and recall versus a threshold on {column.name}")
+    return svg(frame, parts, f"kept fraction, expected and measured precision and recall versus a threshold on "
+                             f"{column.name}")

@@ -1,6 +1,7 @@
 """One pass over the annotated Parquet files: the selection rule as it was applied, the summed histograms and
 counts the plots and cards need (`Stats`: the selection column's histogram and AUROC, clean_score next to
-encoder_cosine), and the rows of the three galleries, ranked by the selection column.
+encoder_cosine, per noise kind), and the rows of the galleries: ranked by the selection column, or seeded random
+samples of the kept, the dropped and (where truth_clean is known) the wrongly kept and wrongly dropped pairs.
 
 Per-file aggregation into fixed-size arrays keeps memory bounded by one annotated file. The scan runs mapped
 over groups of files (`scan_files`, one small `ScanPartial` per group: histograms, at most GALLERY_SIZE picks per
@@ -21,9 +22,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bicro_clean.pipeline import progress
 from bicro_clean.pipeline.config import COSINE_COLUMNS, CleanConfig
 from bicro_clean.pipeline.parquet_io import join
 from bicro_clean.pipeline.report.compare import COMPARED, SAMPLE, PairSample
+from bicro_clean.pipeline.report.kinds import KindStats
 from bicro_clean.pipeline.report.threshold import (SCORE_COLUMNS, ScoreBins, add_bins, bin_ranges, bins_like,
                                                    column_ranges, merge_bins)
 
@@ -31,7 +34,7 @@ GALLERY_SIZE = 12
 HIST_BINS = 40
 AUC_BINS = 10_000  # AUROC from per-class histograms: exact up to ties inside a 1e-4 wide bin
 ROW_COLUMNS = ("shard", "key", "decision", "reason", "caption", *SCORE_COLUMNS, "anchor_key_i2t", "anchor_key_t2i",
-               "truth_clean")
+               "truth_clean", "noise_kind")
 TOP_REASONS = 3  # per-shard table: the most frequent drop or error reasons
 
 
@@ -82,10 +85,20 @@ class Stats:
     bins: ScoreBins = field(default_factory=ScoreBins)
     pairs: PairSample = field(default_factory=PairSample)  # clean_score vs encoder_cosine, for the agreement
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard id -> counts and top reasons
+    kinds: KindStats = field(default_factory=KindStats)  # per noise_kind, where the files carry one
 
     def auroc(self, column: str) -> float | None:
         hists = self.auc.get(column)
         return binned_auroc(hists[True], hists[False]) if hists else None
+
+    @property
+    def kinds_column(self) -> str | None:
+        """The column whose AUROC per noise kind is shown: the selection column (the first AUROC column)."""
+        return next(iter(self.auc), None)
+
+    def kind_rows(self) -> list[tuple[str, int, int, float | None]]:
+        column = self.kinds_column
+        return self.kinds.rows(self.auc[column][True] if column else None, binned_auroc)
 
     @property
     def aligned(self) -> bool:
@@ -119,7 +132,8 @@ def read_rows(path: str, rule_column: str) -> dict[str, np.ndarray]:
     rows = {c: _objects(table[c]) for c in wanted}
     for column in {*SCORE_COLUMNS, rule_column}:
         rows[column] = _floats(table, column) if column in names else np.full(table.num_rows, np.nan)
-    rows.setdefault("truth_clean", np.full(table.num_rows, None, dtype=object))
+    for column in ("truth_clean", "noise_kind"):
+        rows.setdefault(column, np.full(table.num_rows, None, dtype=object))
     return rows
 
 
@@ -164,6 +178,17 @@ def add_truth(stats: Stats, rows: dict[str, np.ndarray], scored: np.ndarray) -> 
         binned = stats.bins.columns[column]
         for label, mask in ((True, clean & scored), (False, known & ~clean & scored)):
             stats.auc[column][label] += _hist(rows[column][mask], AUC_BINS, binned.lo, binned.hi)
+    add_kinds(stats, rows, scored)
+
+
+def add_kinds(stats: Stats, rows: dict[str, np.ndarray], scored: np.ndarray) -> None:
+    """Per noise_kind: pairs, kept, and the selection column's AUC histogram (for AUROC against the clean pairs)."""
+    column = stats.kinds_column
+    if column is None:
+        return
+    binned, values = stats.bins.columns[column], rows[column][scored]
+    stats.kinds.add(rows["noise_kind"][scored], rows["decision"][scored] == "keep",
+                    lambda mask: _hist(values[mask], AUC_BINS, binned.lo, binned.hi))
 
 
 def auc_columns(rule: Rule, bins: ScoreBins) -> dict[str, dict[bool, np.ndarray]]:
@@ -226,7 +251,8 @@ def file_picks(rows: dict[str, np.ndarray], rule: Rule, prio: np.ndarray) -> dic
     # soft_label's ties are broken by the posterior it was built from; other columns need no second score
     second = rows["p_clean"] if rule.column == "soft_label" else np.zeros(len(value))
     scored = np.flatnonzero((rows["decision"] != "error") & ~np.isnan(value) & ~np.isnan(second))
-    kept = np.flatnonzero(rows["decision"] == "keep")
+    kept, dropped = rows["decision"] == "keep", rows["decision"] == "drop"
+    known, clean = truth_masks(rows["truth_clean"])
 
     def rank(i: int) -> tuple[int, str, str]:
         return int(prio[i]), shard[i], key[i]
@@ -235,7 +261,11 @@ def file_picks(rows: dict[str, np.ndarray], rule: Rule, prio: np.ndarray) -> dic
     return {
         "lowest": _smallest(rows, scored, [value, second, prio], lambda i: (value[i], second[i], *rank(i))),
         "borderline": _smallest(rows, scored, [distance, prio], lambda i: (abs(value[i] - rule.threshold), *rank(i))),
-        "random_kept": _smallest(rows, kept, [prio], rank),
+        "random_kept": _smallest(rows, np.flatnonzero(kept), [prio], rank),
+        "random_dropped": _smallest(rows, np.flatnonzero(dropped), [prio], rank),
+        # where truth is known: what the rule got wrong, in a seeded random order (a fair sample of the errors)
+        "kept_noisy": _smallest(rows, np.flatnonzero(kept & known & ~clean), [prio], rank),
+        "dropped_clean": _smallest(rows, np.flatnonzero(dropped & clean), [prio], rank),
     }
 
 
@@ -281,6 +311,7 @@ def scan_files(paths: list[str], setup: ScanSetup) -> ScanPartial:
         add_bins(stats.bins, rows, rows["decision"] != "error", prio)
         stats.shards[path.rsplit("/", 1)[-1].removesuffix(".parquet")] = shard_counts(rows)
         merge_picks(picks, file_picks(rows, setup.rule, prio))
+        progress.report("report", advance=1)  # the report bar: annotated files scanned (pipeline/progress.py)
     # Past SAMPLE pairs the whole run's sample is the SAMPLE smallest priorities, which are among each group's own
     # SAMPLE smallest; up to SAMPLE no group trims, so the pairs stay in file order, as in one pass.
     stats.pairs.trim()
@@ -314,6 +345,7 @@ def add_partial(into: Stats, part: Stats) -> None:
     _add_pairs(into.pairs, part.pairs)
     merge_bins(into.bins, part.bins)
     into.shards.update(part.shards)
+    into.kinds.merge(part.kinds)
 
 
 def merge_scans(setup: ScanSetup, partials: list[ScanPartial]) -> tuple[Stats, dict[str, list[dict[str, Any]]]]:
@@ -326,6 +358,6 @@ def merge_scans(setup: ScanSetup, partials: list[ScanPartial]) -> tuple[Stats, d
 
 
 def scan_annotated(paths: list[str], rule: Rule, seed: int) -> tuple[Stats, dict[str, list[dict[str, Any]]]]:
-    """One pass over the annotated files, in this process: summed histograms and the three galleries' rows."""
+    """One pass over the annotated files, in this process: summed histograms and the galleries' rows."""
     setup = scan_setup(paths, rule, seed)
     return merge_scans(setup, [scan_files(paths, setup)])

@@ -25,6 +25,12 @@ EXAMPLE_BINS = 32  # coarse bins per column that each keep a few seeded example 
 EXAMPLES_PER_BIN = 2
 EXAMPLE_BUCKET = 64  # example candidates: rows in the first 64 of a file beat later ones (see add_examples)
 EXAMPLE_FIELDS = ("shard", "key", "caption", "decision", "truth_clean")
+ESTIMATE = "clean_score"  # the calibrated P(clean): its sums per bin give the expected figures without truth
+# Its sums are kept in fixed point (units of 2^-30) in int64: integer sums do not depend on the order they were
+# added in, so any grouping of the files merges to the same bytes, and 2^63 / 2^30 leaves room for 8.6e9 pairs
+# per bin (at most 4.7e-10 rounding per pair).
+SCALE = 2**30
+CHUNK = 2**22  # rows per float64 bincount: a chunk's per-bin sum stays below 2^53, so it is an exact integer
 
 Example = tuple[tuple, dict[str, Any]]  # (seeded sort key, row); the smallest keys win
 
@@ -40,6 +46,9 @@ class ColumnBins:
     clean: np.ndarray = field(default_factory=lambda: np.zeros(BINS + 1, np.int64))
     known: np.ndarray = field(default_factory=lambda: np.zeros(BINS + 1, np.int64))
     examples: dict[int, list[Example]] = field(default_factory=dict)
+    # per bin of this column: how many pairs have a clean_score, and the sum of their clean_score (fixed point)
+    estimated: np.ndarray = field(default_factory=lambda: np.zeros(BINS + 1, np.int64))
+    score_sum: np.ndarray = field(default_factory=lambda: np.zeros(BINS + 1, np.int64))
 
     def index(self, values: np.ndarray) -> np.ndarray:
         """Bin of each value: floor((v - lo) / width * BINS), BINS for v == hi."""
@@ -62,6 +71,22 @@ class ColumnBins:
             out["recall"] = clean_kept / int(self.clean.sum())
         return out
 
+    def sums(self) -> np.ndarray:
+        """Sum of clean_score per bin, as floats."""
+        return self.score_sum / SCALE
+
+    def expected(self) -> dict[str, np.ndarray] | None:
+        """At every edge, without truth: the expected precision of the kept pairs (mean clean_score of those with
+        a clean_score) and the expected clean pairs lost (sum of clean_score below the edge); None without
+        clean_score."""
+        if not self.estimated.sum():
+            return None
+        sums = self.sums()
+        kept_sum, kept_n = np.cumsum(sums[::-1])[::-1], np.cumsum(self.estimated[::-1])[::-1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(kept_n > 0, kept_sum / np.maximum(kept_n, 1), np.nan)
+        return {"precision": precision, "lost": np.r_[0.0, np.cumsum(sums)[:-1]]}
+
 
 @dataclass
 class ScoreBins:
@@ -72,6 +97,13 @@ class ScoreBins:
     @property
     def has_truth(self) -> bool:
         return any(int(c.known.sum()) > 0 for c in self.columns.values())
+
+    def noise_share(self) -> float | None:
+        """The run's estimated noise share: 1 - mean clean_score over the pairs with one (None without any). The
+        integer sum makes it the same figure however the files were grouped."""
+        column = self.columns.get(ESTIMATE)
+        n = int(column.estimated.sum()) if column is not None else 0
+        return 1.0 - int(column.score_sum.sum()) / SCALE / n if n else None
 
 
 def _range(fh: Any, column: str) -> tuple[float, float] | None:
@@ -110,6 +142,8 @@ def column_ranges(paths: list[str], rule_column: str = SCORE_COLUMNS[0]) -> Scor
                 if found is not None:
                     old = ranges.get(column, found)
                     ranges[column] = (min(old[0], found[0]), max(old[1], found[1]))
+    if ESTIMATE in ranges:  # clean_score on its whole range: every slider position is a round threshold (k / 1000)
+        ranges[ESTIMATE] = (min(ranges[ESTIMATE][0], 0.0), max(ranges[ESTIMATE][1], 1.0))
     return bins_like({c: (ranges[c][0], ranges[c][1] if ranges[c][1] > ranges[c][0] else ranges[c][0] + 1.0)
                       for c in columns if c in ranges})  # a fixed column order
 
@@ -131,6 +165,8 @@ def merge_bins(into: ScoreBins, part: ScoreBins) -> None:
         target.total += column.total
         target.known += column.known
         target.clean += column.clean
+        target.estimated += column.estimated
+        target.score_sum += column.score_sum
         for c, found in column.examples.items():
             target.examples[c] = heapq.nsmallest(EXAMPLES_PER_BIN, target.examples.get(c, []) + found,
                                                  key=lambda e: e[0])
@@ -142,6 +178,7 @@ def add_bins(bins: ScoreBins, rows: dict[str, np.ndarray], scored: np.ndarray, r
     truth = rows["truth_clean"]
     known = np.not_equal(truth, None).astype(bool)  # elementwise on the object array: no Python loop per row
     clean = known & np.equal(truth, True).astype(bool)
+    estimate = rows.get(ESTIMATE)
     for column in bins.columns.values():
         if column.name not in rows:
             continue
@@ -151,7 +188,19 @@ def add_bins(bins: ScoreBins, rows: dict[str, np.ndarray], scored: np.ndarray, r
         column.total += np.bincount(index, minlength=BINS + 1)
         column.known += np.bincount(index[known[take]], minlength=BINS + 1)
         column.clean += np.bincount(index[clean[take]], minlength=BINS + 1)
+        if estimate is not None:
+            add_sums(column, index, estimate[take])
         add_examples(column, rows, np.flatnonzero(take), index, rank, bins)
+
+
+def add_sums(column: ColumnBins, index: np.ndarray, estimate: np.ndarray) -> None:
+    """Count and fixed-point sum of clean_score per bin (pairs without a clean_score left out)."""
+    has = np.isfinite(estimate)
+    index, fixed = index[has], np.rint(estimate[has] * SCALE)  # exact integers in float64 (|clean_score| <= 1)
+    column.estimated += np.bincount(index, minlength=BINS + 1)
+    for start in range(0, len(index), CHUNK):
+        part = np.bincount(index[start:start + CHUNK], weights=fixed[start:start + CHUNK], minlength=BINS + 1)
+        column.score_sum += part.astype(np.int64)
 
 
 def add_examples(column: ColumnBins, rows: dict[str, np.ndarray], where: np.ndarray, index: np.ndarray,

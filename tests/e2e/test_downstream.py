@@ -31,7 +31,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from conftest import tiny_config
+from conftest import numbered_shards, tiny_config
 from bicro_clean.pipeline.config import ReaderConfig
 from bicro_clean.pipeline.run import run_pipeline
 from bicro_clean.pipeline.shards import RawSample
@@ -54,7 +54,9 @@ NETWORK_ERRORS = re.compile(r"Failed to establish a new connection|Network is un
                             r"ProxyError")
 
 
-# Runs inside the downstream venv. argv: JSON {"urls": [...], "samples": N}. Prints one JSON line.
+# Runs inside the downstream venv. argv: JSON {"urls": [...], "samples": N or null, "train_data": optional
+# --train-data (default: the urls joined by "::")}. Without samples the loader takes the count from sizes.json, as
+# open_clip does without --train-num-samples. Prints one JSON line.
 DOWNSTREAM_SCRIPT = r'''
 import argparse, hashlib, json, sys
 
@@ -64,7 +66,7 @@ import webdataset as wds
 from open_clip_train.data import get_wds_dataset
 
 spec = json.loads(sys.argv[1])
-urls, samples = spec["urls"], spec["samples"]
+urls, samples, train_data = spec["urls"], spec["samples"], spec.get("train_data") or "::".join(spec["urls"])
 torch.set_num_threads(1)
 # Deterministic eval transform (the train one crops at random) so raw samples and loader output can be matched.
 preprocess = open_clip.image_transform(32, is_train=False)
@@ -81,7 +83,7 @@ def tensor_digest(image, tokens):
 raw, expected = [], []
 for sample in wds.WebDataset(urls, shardshuffle=False):
     ext = next(e for e in ("jpg", "png", "jpeg", "webp") if e in sample)
-    raw.append({"key": sample["__key__"], "image_ext": ext,
+    raw.append({"key": sample["__key__"], "url": sample["__url__"], "image_ext": ext,
                 "image_sha256": hashlib.sha256(sample[ext]).hexdigest(),
                 "caption": sample["txt"].decode("utf-8")})
     image = wds.autodecode.imagehandler("pilrgb")(ext, sample[ext])
@@ -90,7 +92,7 @@ for sample in wds.WebDataset(urls, shardshuffle=False):
 # 2. open_clip's training loader, exactly as open_clip_train.main builds it (is_train=True: shard and sample
 # shuffles, with_epoch). batch_size 1 makes the sample count exact: train batches drop a partial last batch.
 args = argparse.Namespace(
-    train_data="::".join(urls), val_data=None, train_num_samples=samples, val_num_samples=None,
+    train_data=train_data, val_data=None, train_num_samples=samples, val_num_samples=None,
     dataset_resampled=False, train_data_upsampling_factors=None, seed=0, batch_size=1, workers=0, world_size=1)
 data = get_wds_dataset(args, preprocess, is_train=True, epoch=0, floor=False, tokenizer=tokenizer)
 seen, shapes = [], set()
@@ -101,6 +103,7 @@ for images, texts in data.dataloader:
 print(json.dumps({"webdataset": getattr(wds, "__version__", None),
                   "open_clip": open_clip.__version__, "raw": raw, "expected": sorted(expected),
                   "loader": sorted(seen), "loader_batches": data.dataloader.num_batches,
+                  "loader_samples": data.dataloader.num_samples,
                   "shapes": sorted(map(list, shapes))}))
 '''
 
@@ -228,10 +231,12 @@ def input_samples(shard_dir: Path) -> dict[tuple[str, str], RawSample]:
     return samples
 
 
-def run_downstream(python: Path, urls: list[str], samples: int, tmp_path: Path) -> dict[str, Any]:
+def run_downstream(python: Path, urls: list[str], samples: int | None, tmp_path: Path,
+                   train_data: str | None = None) -> dict[str, Any]:
     script = tmp_path / "downstream_loader.py"
     script.write_text(DOWNSTREAM_SCRIPT)
-    done = subprocess.run([str(python), str(script), json.dumps({"urls": urls, "samples": samples})],
+    spec = {"urls": urls, "samples": samples, "train_data": train_data}
+    done = subprocess.run([str(python), str(script), json.dumps(spec)],
                           capture_output=True, text=True, env=_clean_env(), timeout=LOADER_TIMEOUT_S, cwd=tmp_path)
     assert done.returncode == 0, f"downstream loader failed:\n{done.stderr[-4000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -269,3 +274,54 @@ def test_open_clip_train_loader_reads_cleaned_shards(cleaned, tiny_shards, downs
         image = original.members[sample["image_ext"]]
         assert sample["image_sha256"] == hashlib.sha256(image).hexdigest()
         assert sample["caption"].encode() == original.members["txt"]
+
+
+# ------------------------------------------------------------------------------- packed shards, brace range
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    """`bicro-clean run` on 5 input shards of 6 pairs with --maxcount 10 (the output folder and the summary): the
+    kept samples of several input shards are packed into each cleaned shard."""
+    root = tmp_path_factory.mktemp("packed")
+    shards, out = numbered_shards(root, 15, (16, 16), shard_size=6), root / "out"
+    command = [str(Path(sys.executable).parent / "bicro-clean"), "-q", "run", "--input", str(shards / "*.tar"),
+               "--out", str(out), "--encoder", "tiny", "--maxcount", "10", "--keep-fraction", "0.7",
+               "--runner", "none"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=LOADER_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_open_clip_reads_the_brace_range_and_sizes_json(packed, downstream_python, tmp_path):
+    """open_clip's `--train-data` brace range from the summary, no `--train-num-samples`: the loader takes the count
+    from shards/sizes.json and one epoch yields every kept pair exactly once."""
+    out, summary = packed
+    kept, cleaned = summary["kept"], summary["cleaned_shards"]
+    names = [f"{i:05d}" for i in range(-(-kept // 10))]
+    assert 20 < kept < 30 and cleaned == {"train_data": f"{out}/shards/{{00000..{names[-1]}}}.tar",
+                                          "samples": kept, "sizes": f"{out}/shards/sizes.json"}
+    sizes = json.loads((out / "shards" / "sizes.json").read_text())
+    assert sizes == {f"{name}.tar": min(10, kept - 10 * i) for i, name in enumerate(names)}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cleaned_shards"] == {"train_data": f"shards/{{00000..{names[-1]}}}.tar", "samples": kept,
+                                          "sizes": "shards/sizes.json"}
+    stats = [json.loads((out / "shards" / f"{name}_stats.json").read_text()) for name in names]
+    assert max(len(s["input_shards"]) for s in stats) > 1  # packed: input shards share a cleaned shard
+    assert sum(s["count"] for s in stats) == summary["in"] and [s["successes"] for s in stats] == list(sizes.values())
+
+    urls = [str(out / "shards" / f"{name}.tar") for name in names]
+    result = run_downstream(downstream_python, urls, None, tmp_path, train_data=cleaned["train_data"])
+    assert result["loader_samples"] == kept == len(result["loader"]) == result["loader_batches"] == len(result["raw"])
+    assert result["loader"] == result["expected"]  # each kept pair once, decoded as from its raw bytes
+
+    # annotated/ says where each kept row went: the cleaned shard and the position in it
+    rows = _kept_rows(out)
+    assert sorted(r["key"] for r in result["raw"]) == sorted(rows)
+    positions: dict[str, int] = {}
+    for sample in result["raw"]:  # webdataset's order: shard by shard, samples in tar order
+        name = sample["url"].rsplit("/", 1)[-1]
+        row = rows[sample["key"]]
+        assert (row["output_shard"], row["output_index"]) == (name, positions.get(name, 0))
+        positions[name] = positions.get(name, 0) + 1

@@ -1,15 +1,18 @@
-"""Prefect's own CLI against a real `prefect server start` (issue 15 item 5): the list commands, `prefect deploy` with
-the repository's prefect.yaml, a process worker and a served deployment each running the flow to `Completed`
-with the plain stages' bytes, and bad inputs failing a deployment run with the CLI's one line as the flow run's
-state message (issue 15 item 3). One server for the whole module; every process started here runs in its own
-session and is killed with it at teardown, which checks that nothing of it is left."""
+"""Prefect's own CLI against a real `prefect server start`: the list commands, `prefect deploy` with the repository's
+prefect.yaml (asking nothing, in a terminal too, and exiting by itself), a process worker and a served deployment
+each running the flow to `Completed` with the plain stages' bytes, and bad inputs failing a deployment run with
+the CLI's one line as the flow run's state message and in `--watch`'s output. One server for the whole module;
+every process started here runs in its own session and is killed with it at teardown, which checks that nothing
+of it is left."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -31,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]  # where prefect.yaml is
 PREFECT = str(Path(sys.executable).parent / "prefect")
 BICRO_CLEAN = str(Path(sys.executable).parent / "bicro-clean")
 UUID = re.compile(r"UUID: ([0-9a-f-]{36})")
+DEPLOYMENT = "clean-shards/process"  # prefect.yaml's process-pool deployment; `bicro-clean serve` serves .../local
+DEPLOY_BOUND_S = 90  # `prefect deploy` takes ~5-10 s here; a prompt would wait forever
 
 
 def _params(shards: str, out: Path) -> dict:
@@ -137,11 +142,51 @@ def reference(tiny_shards, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def worker(server):
-    """clean-shards/local registered by `prefect deploy` from prefect.yaml, and a process worker polling its pool."""
+    """clean-shards/process registered by `prefect --no-prompt deploy` from prefect.yaml (as a script runs it,
+    within a bound), and a process worker polling its pool."""
     _ok(_cli(server.env, "work-pool", "create", "bicro-process", "--type", "process"))
-    _ok(_cli(server.env, "--no-prompt", "deploy", "--name", "local"))
+    _ok(_cli(server.env, "--no-prompt", "deploy", "--name", "process", timeout=DEPLOY_BOUND_S))
     server.start("worker", [PREFECT, "worker", "start", "--pool", "bicro-process"])
     return server
+
+
+def _in_a_terminal(env: dict[str, str], args: list[str], timeout: float) -> tuple[int | None, str, float]:
+    """(exit code, None if it had not exited by `timeout`; what it printed; seconds) of `args` run in a pseudo
+    terminal that never types anything: where Prefect's CLI prompts (it prompts only on a terminal), it waits."""
+    master, slave = pty.openpty()
+    start = time.monotonic()
+    proc = subprocess.Popen(args, env={**env, "TERM": "xterm"}, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    printed = bytearray()
+    try:
+        while time.monotonic() - start < timeout:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(master, 1 << 16)
+                except OSError:  # EIO: the terminal's other side is closed, the command is gone
+                    chunk = b""
+                printed += chunk
+                if chunk:
+                    continue
+            if proc.poll() is not None:
+                break
+        code = proc.poll()
+        return code, printed.decode(errors="replace"), time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.close(master)
+
+
+def test_prefect_deploy_asks_nothing_in_a_terminal_and_exits(worker):
+    """`prefect deploy --name process` as a user types it, in a terminal, without --no-prompt: prefect.yaml leaves
+    Prefect nothing to ask (pull steps, schedules, build), so it registers the deployment and exits on its own.
+    (The `worker` fixture ran the scripted `prefect --no-prompt deploy --name process` within the same bound.)"""
+    code, printed, seconds = _in_a_terminal(worker.env, [PREFECT, "deploy", "--name", "process"], DEPLOY_BOUND_S)
+    assert code == 0, (code, f"{seconds:.0f} s", printed[-3000:])
+    assert f"Deployment '{DEPLOYMENT}' successfully created" in printed and "Would you like" not in printed, printed
 
 
 def _run_deployment(env: dict[str, str], name: str, params: dict, watch: bool = True) -> tuple[str, str, int]:
@@ -166,13 +211,13 @@ def _final_state(env: dict[str, str], run_id: str, timeout: float = 600) -> dict
 
 def test_a_process_worker_runs_the_deployed_flow_to_completion(worker, tiny_shards, reference, tmp_path):
     out = tmp_path / "out"
-    _, output, code = _run_deployment(worker.env, "clean-shards/local", _params(str(tiny_shards / "*.tar"), out))
+    _, output, code = _run_deployment(worker.env, DEPLOYMENT, _params(str(tiny_shards / "*.tar"), out))
     assert code == 0 and "Completed" in output, output[-3000:] + worker.log("worker")
     assert _hashes(out) == reference
 
 
 def _bad_inputs(tmp_path: Path, tiny_shards: Path) -> dict[str, tuple[str, str, str]]:
-    """case -> (input, output, the CLI's one line for it)."""
+    """case -> (input, output, the CLI's one line for it: `input error: ...`, `output error: ...`)."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "afile").write_text("not a folder")
     good = str(tiny_shards / "*.tar")
@@ -187,43 +232,54 @@ def _bad_inputs(tmp_path: Path, tiny_shards: Path) -> dict[str, tuple[str, str, 
     for case, spec in specs.items():
         with pytest.raises(InputError) as error:
             list(expand_shard_spec(spec))
-        cases[case] = (spec, str(tmp_path / case.replace(" ", "-")), str(error.value))
+        cases[case] = (spec, str(tmp_path / case.replace(" ", "-")), f"input error: {error.value}")
     for case, out in {"--out is a file": tmp_path / "afile", "--out under a file": tmp_path / "afile" / "sub"}.items():
-        cases[case] = (good, str(out), output_problem(str(out)))
+        cases[case] = (good, str(out), f"output error: {output_problem(str(out))}")
     return cases
 
 
 def test_bad_inputs_fail_a_worker_run_with_the_one_line_as_its_state_message(worker, tiny_shards, tmp_path):
     cases = _bad_inputs(tmp_path, tiny_shards)
-    runs = {case: _run_deployment(worker.env, "clean-shards/local", _params(spec, Path(out)), watch=False)[0]
+    runs = {case: _run_deployment(worker.env, DEPLOYMENT, _params(spec, Path(out)), watch=False)[0]
             for case, (spec, out, _) in cases.items()}  # all queued at once: the worker runs them side by side
+    spec, out, line = cases["no match"]  # and one watched as a user would: the line is in what --watch prints
+    _, watched, code = _run_deployment(worker.env, DEPLOYMENT, _params(spec, Path(out + "-watched")))
+    assert code == 1 and line in watched and "Failed" in watched.split(line)[1], watched[-3000:]
     for case, run_id in runs.items():
         state, expected = _final_state(worker.env, run_id), cases[case][2]
         assert state["type"] == "FAILED", (case, state)
-        assert expected in state["message"] and "\n" not in state["message"], (case, state["message"], expected)
+        assert state["message"] == expected, (case, state["message"], expected)  # the line, nothing around it
+        logs = _ok(_cli(worker.env, "flow-run", "logs", run_id))
+        assert expected in logs and "Traceback" not in logs, (case, logs[-3000:])
     assert not (tmp_path / "afile").is_dir() and not list((tmp_path / "empty").iterdir())  # nothing written
 
 
-def test_a_served_deployment_runs_and_a_bad_input_fails_in_the_watch(server, tiny_shards, reference, tmp_path):
-    """`bicro-clean serve --name served` (clean-shards/served, no work pool), `prefect deployment run --watch`."""
-    server.start("serve", [BICRO_CLEAN, "serve", "--name", "served"])
+def test_a_served_deployment_runs_and_a_bad_input_fails_in_the_watch(worker, tiny_shards, reference, tmp_path):
+    """`bicro-clean serve` as documented (clean-shards/local, no work pool) beside prefect.yaml's worker deployment:
+    each keeps its own name, so serving never takes over the worker's runs; `prefect deployment run --watch`."""
+    server = worker
+    server.start("serve", [BICRO_CLEAN, "serve"])
     deadline = time.monotonic() + 300
-    while _cli(server.env, "deployment", "inspect", "clean-shards/served").returncode != 0:
+    while _cli(server.env, "deployment", "inspect", "clean-shards/local").returncode != 0:
         assert time.monotonic() < deadline, server.log("serve")
         time.sleep(2)
+    pooled = _ok(_cli(server.env, "deployment", "inspect", DEPLOYMENT))
+    assert "'work_pool_name': 'bicro-process'" in pooled, pooled  # still the worker's
     out = tmp_path / "out"
-    _, output, code = _run_deployment(server.env, "clean-shards/served", _params(str(tiny_shards / "*.tar"), out))
+    _, output, code = _run_deployment(server.env, "clean-shards/local", _params(str(tiny_shards / "*.tar"), out))
     assert code == 0 and "Completed" in output, output[-3000:] + server.log("serve")
     assert _hashes(out) == reference
     spec = str(tmp_path / "none" / "*.tar")
-    run_id, output, code = _run_deployment(server.env, "clean-shards/served", _params(spec, tmp_path / "bad"))
-    assert code != 0 and "Failed" in output, output[-3000:]
-    assert f"no shard matches {spec!r}" in _final_state(server.env, run_id)["message"]
+    run_id, output, code = _run_deployment(server.env, "clean-shards/local", _params(spec, tmp_path / "bad"))
+    line = f"input error: no shard matches {spec!r}"
+    assert code != 0 and line in output and "Failed" in output, output[-3000:]
+    assert _final_state(server.env, run_id)["message"] == line
 
 
 def test_the_list_commands_answer(worker):
     """The commands that answered 422 with Prefect 3.8.8 and fastapi 0.152.0. Last in the module: they list the
     deployments, runs and artifacts the tests above made."""
-    assert "clean-shards/local" in _ok(_cli(worker.env, "deployment", "ls"))
+    listed = _ok(_cli(worker.env, "deployment", "ls"))
+    assert DEPLOYMENT in listed and "clean-shards/local" in listed, listed
     assert "completed" in _ok(_cli(worker.env, "flow-run", "ls")).lower()
     assert "clean-shards-summary" in _ok(_cli(worker.env, "artifact", "ls"))

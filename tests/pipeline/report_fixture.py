@@ -2,8 +2,8 @@
 
 Real shards (make_shards: coloured images, 25% caption noise, truth_clean in each sample's JSON, captions with
 markup the report must escape) and annotated Parquet files with the schema the write stage produces, but with
-synthetic, seeded scores that follow the truth: clean_score (float64, no ties), the float32 BiCro columns and,
-for an aligned encoder, encoder_cosine (all null otherwise). Decisions follow the run's rule exactly as the
+synthetic, seeded scores that follow the truth (and the `noise_kind` column of benchmark shards): clean_score
+(float64, no ties), the float32 BiCro columns and, for an aligned encoder, encoder_cosine (all null otherwise). Decisions follow the run's rule exactly as the
 select stage applies it: column >= threshold (reason low_<column>), or the top keep_fraction ranked by the column
 with ties by (shard, key) (reason below_keep_fraction). One reader error row (decode_error) per run.
 
@@ -81,7 +81,7 @@ def _read_shard(url: str, config: CleanConfig) -> list[dict[str, Any]]:
         if isinstance(item, RawSample):
             meta = json.loads(item.members["json"])
             out.append({"shard": url, "key": item.key, "caption": item.members["txt"].decode("utf-8").strip(),
-                        "truth": bool(meta["truth_clean"])})
+                        "truth": bool(meta["truth_clean"]), "kind": meta.get("noise_kind")})
     return out
 
 
@@ -127,6 +127,7 @@ def _annotated(rows: list[dict[str, Any]], scores: dict[str, np.ndarray], decisi
         columns[name] = pa.array([None if e else clean[(i + k) % len(clean)] for i, e in enumerate(error)],
                                  pa.string())
     columns["truth_clean"] = pa.array([r.get("truth") if options.truth else None for r in rows], pa.bool_())
+    columns["noise_kind"] = pa.array([r.get("kind") if options.truth else None for r in rows], pa.string())
     return pa.table(columns)
 
 

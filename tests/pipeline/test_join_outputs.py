@@ -126,10 +126,11 @@ def test_keep_uids_sorted_and_skipped_with_one_log_line(tmp_path, caplog):
     expected = np.array(sorted((int(u[:16], 16), int(u[16:], 16)) for u in uids), UID_DTYPE)
     assert back.dtype == UID_DTYPE and np.array_equal(back, expected)
     with caplog.at_level(logging.INFO, logger="bicro_clean.pipeline.finalize"):
-        assert write_keep_uids(_keep_keys(tmp_path / "k2.parquet", uids[:3] + [None]), target) is None
+        reason = write_keep_uids(_keep_keys(tmp_path / "k2.parquet", uids[:3] + [None]), target)
+    assert reason == "not written: 1 of 4 kept samples have no uid (img2dataset's `uid` field in the sample's .json)"
     assert not os.path.exists(target)  # the earlier file would not match this keep_keys
     assert len([r for r in caplog.records if KEEP_UIDS in r.getMessage()]) == 1
-    assert write_keep_uids(_keep_keys(tmp_path / "k3.parquet", []), target) is None
+    assert write_keep_uids(_keep_keys(tmp_path / "k3.parquet", []), target) == "not written: no sample was kept"
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +154,8 @@ def test_annotated_rows_and_keep_keys_carry_uids(uid_run):
     assert all(r["uid"] == _uid(int(r["key"])) and r["url"].endswith(f"/{int(r['key'])}.jpg") for r in rows)
     assert [r["reason"] for r in rows if r["decision"] == "error"] == ["decode_error"]
     keep_keys = pq.read_table(uid_run / "keep_keys.parquet")
-    assert keep_keys.column_names == ["shard", "key", "uid"]
-    kept = sorted((r["shard"], r["key"], r["uid"]) for r in rows if r["decision"] == "keep")
+    assert keep_keys.column_names == ["shard", "shard_id", "key", "uid"]
+    kept = sorted((r["shard"], r["shard_id"], r["key"], r["uid"]) for r in rows if r["decision"] == "keep")
     assert sorted(tuple(r.values()) for r in keep_keys.to_pylist()) == kept
 
 
@@ -174,6 +175,8 @@ def test_no_keep_uids_without_uids(tiny_shards, tmp_path):
     assert not (tmp_path / KEEP_UIDS).exists()
     manifest = read_manifest(str(tmp_path))
     assert "keep_uids" not in {o["kind"] for o in manifest["outputs"]}
+    assert manifest["keep_uids"] == (f"not written: {manifest['counts']['kept']} of {manifest['counts']['kept']} "
+                                     "kept samples have no uid (img2dataset's `uid` field in the sample's .json)")
     assert pq.read_table(tmp_path / "keep_keys.parquet")["uid"].null_count == manifest["counts"]["kept"]
 
 

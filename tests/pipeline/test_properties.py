@@ -18,12 +18,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import tar_bytes
+from pack_fixture import pack_parts
 from bicro_clean.pipeline.config import ReaderConfig
 from bicro_clean.pipeline.decode import read_shard
 from bicro_clean.pipeline.parquet_io import read_stage_metadata
-from bicro_clean.pipeline.shards import DecodedSample, RawSample
+from bicro_clean.pipeline.shards import DecodedSample, RawSample, shard_ids
 from bicro_clean.pipeline.tar_reader import iter_shard
-from bicro_clean.pipeline.writers import BICRO_JSON_KEY, ShardedTarWriter, sample_members, write_annotated, write_keep_keys
+from bicro_clean.pipeline.writers import BICRO_JSON_KEY, sample_members, write_annotated, write_keep_keys
 
 # Few examples, no deadline: each example writes and reads real files, and the suite runs on 2 shared cores.
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -128,16 +129,16 @@ _SCORES = st.dictionaries(st.sampled_from(["p_clean", "soft_label", "consistency
 @given(_SHARD, _SCORES, st.integers(1, 3), st.sampled_from([10**9, 2048]))
 def test_cleaned_shard_writer_keeps_members_byte_for_byte(samples, scores, maxcount, maxsize):
     with tempfile.TemporaryDirectory() as directory:
-        writer = ShardedTarWriter(directory, "in-0000", maxcount, maxsize)
+        rows = []
         for sample in samples:
             members = dict((name[len(sample["key"]) + 1:].lower(), data) for name, data in sample["members"])
             names = {name[len(sample["key"]) + 1:].lower(): name for name, _ in sample["members"]}
-            writer.add(sample_members(sample["key"], members, names, sample["key"], scores))
-            writer.note("kept")
-        shards = writer.close("in.tar")
-        written = [_tar_members(shard.path) for shard in shards]
-        read_back = [item for shard in shards for item in iter_shard(shard.path, ReaderConfig())]
-    assert sum(shard.successes for shard in shards) == len(samples) and all(s.successes <= maxcount for s in shards)
+            rows.append((sample_members(sample["key"], members, names, sample["key"], scores), "kept"))
+        _, shards = pack_parts(Path(directory), [rows], maxcount, maxsize)  # written by a part, then packed
+        paths = [str(Path(directory) / "shards" / f"{shard['shard']}.tar") for shard in shards]
+        written = [_tar_members(path) for path in paths]
+        read_back = [item for path in paths for item in iter_shard(path, ReaderConfig())]
+    assert sum(s["successes"] for s in shards) == len(samples) and all(s["successes"] <= maxcount for s in shards)
     flat = [member for shard in written for member in shard]
     expected = [member for s in samples for member in _with_scores(s, scores)]
     assert [name for name, _ in flat] == [name for name, _ in expected]
@@ -193,4 +194,5 @@ def test_parquet_writers_return_every_value_unchanged(rows, meta):
     assert back.replace_schema_metadata(None).equals(table)
     expected_kept = [row for row in table.to_pylist() if row["decision"] == "keep"]
     assert kept.to_pylist() == expected_kept
-    assert keep_keys.to_pylist() == [{"shard": r["shard"], "key": r["key"], "uid": None} for r in expected_kept]
+    assert keep_keys.to_pylist() == [{"shard": r["shard"], "shard_id": shard_ids([r["shard"]])[0], "key": r["key"],
+                                      "uid": None} for r in expected_kept]

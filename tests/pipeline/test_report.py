@@ -28,8 +28,10 @@ from bicro_clean.models.bicro import BiCroModel
 from bicro_clean.models.diagnostics import mixture_density, normalised_losses
 from bicro_clean.pipeline.make_shards import make_shards
 from bicro_clean.pipeline.manifest_shards import read_manifest
-from bicro_clean.pipeline.report import compare, write_report
-from bicro_clean.pipeline.report.page import SELECT_REASONS, reason_table, reason_text, score_text
+from bicro_clean.pipeline.report import buys, compare, scan, threshold, write_report
+from bicro_clean.pipeline.report.commands import changed_settings, run_commands
+from bicro_clean.pipeline.report.gallery import score_text
+from bicro_clean.pipeline.report.page import SELECT_REASONS, reason_table, reason_text
 from bicro_clean.pipeline.report.scan import Rule, annotated_paths, binned_auroc, scan_annotated
 from bicro_clean.pipeline.report.slider import script_json
 from bicro_clean.pipeline.report.svg import nice_ticks
@@ -333,6 +335,11 @@ def test_whole_run_report_leads_with_clean_score(run):
     assert sum(s["kept"] for s in stats.shards.values()) == manifest["counts"]["kept"]
     path = write_report(config, str(run / "manifest.json"))  # rewritten from the same outputs: the same bytes
     assert Path(path).read_text(encoding="utf-8") == page
+    # one noise estimate: 1 - mean clean_score, the figure the run summary and the manifest carry
+    noise = 1 - np.nanmean(_floats(_annotated(run), "clean_score"))
+    assert _stat(page, "Estimated noise") == f"{noise:.1%}" and page.count("Estimated noise") == 1
+    if "estimates" in manifest:
+        assert slider_data(page)["noise"] == manifest["estimates"]["noise_share"]
 
 
 def test_normalised_losses_match_the_models_own_p_clean(run):
@@ -371,3 +378,150 @@ def test_report_renders_in_headless_chromium(truth_run, tmp_path):
         assert image.size == (1280, 2400)
         colours = image.convert("RGB").resize((160, 300)).getcolors(maxcolors=1_000_000)
     assert colours is not None and len(colours) > 50  # text, plots and photos, not a blank page
+
+
+# ---------------------------------------------------------------- what a threshold buys, without labels
+
+
+def _score_rows(values: np.ndarray, truth: np.ndarray | None = None, kinds: list | None = None) -> dict:
+    n = len(values)
+    return {"shard": np.array(["s"] * n, dtype=object), "key": np.array([f"{i:06d}" for i in range(n)], dtype=object),
+            "decision": np.array(["keep"] * n, dtype=object), "caption": np.array([""] * n, dtype=object),
+            "truth_clean": truth if truth is not None else np.full(n, None, dtype=object), "clean_score": values,
+            "noise_kind": np.array(kinds if kinds is not None else [None] * n, dtype=object)}
+
+
+@pytest.mark.parametrize("chunk", [threshold.CHUNK, 7])
+def test_expected_precision_and_clean_lost_are_exact_at_edges_however_grouped(monkeypatch, chunk):
+    """Per-bin clean_score sums (fixed point, int64) merged over any grouping of files are the same integers, and
+    at every bin edge give the mean clean_score of the pairs at or above it and the sum below it."""
+    monkeypatch.setattr(threshold, "CHUNK", chunk)  # 7: the chunked bincount path, every chunk exact
+    rng = np.random.default_rng(5)
+    values = rng.beta(0.4, 0.4, 3000)
+    values[::97] = np.nan  # pairs without a clean_score: left out of every figure
+    files = np.array_split(np.arange(3000), 6)
+
+    def scanned(groups: list[list[int]]) -> ColumnBins:
+        merged = ScoreBins({"clean_score": ColumnBins("clean_score", 0.0, 1.0)})
+        for group in groups:
+            part = ScoreBins({"clean_score": ColumnBins("clean_score", 0.0, 1.0)})
+            for f in group:
+                rows = _score_rows(values[files[f]])
+                add_bins(part, rows, np.ones(len(files[f]), bool), np.arange(len(files[f]), dtype=np.uint64))
+            threshold.merge_bins(merged, part)
+        return merged
+
+    one = scanned([[0, 1, 2, 3, 4, 5]])
+    for groups in ([[0, 1], [2, 3, 4], [5]], [[0], [1], [2], [3], [4], [5]]):
+        other = scanned(groups).columns["clean_score"]
+        assert np.array_equal(other.score_sum, one.columns["clean_score"].score_sum)
+        assert np.array_equal(other.estimated, one.columns["clean_score"].estimated)
+    finite = values[np.isfinite(values)]
+    assert one.noise_share() == pytest.approx(1 - finite.mean(), abs=1e-9)
+    expected = one.columns["clean_score"].expected()
+    for k in (0, 1, 200, 500, 777, 900, BINS):
+        t = k / BINS
+        kept = finite[finite >= t]
+        want = kept.mean() if len(kept) else np.nan
+        assert expected["precision"][k] == pytest.approx(want, abs=1e-9, nan_ok=True)
+        assert expected["lost"][k] == pytest.approx(finite[finite < t].sum(), abs=1e-6)
+
+
+def test_the_page_says_when_the_threshold_matters_little():
+    rng = np.random.default_rng(6)
+    bimodal = np.r_[rng.uniform(0, 0.05, 600), rng.uniform(0.95, 1.0, 380), rng.uniform(0.2, 0.9, 20)]
+    spread = rng.uniform(0, 1, 1000)
+    notes = {}
+    for name, values in (("bimodal", bimodal), ("spread", spread)):
+        bins = ScoreBins({"clean_score": ColumnBins("clean_score", 0.0, 1.0)})
+        add_bins(bins, _score_rows(values), np.ones(len(values), bool), np.arange(len(values), dtype=np.uint64))
+        notes[name] = buys.flat_note(bins)
+    moved = int(((bimodal >= 0.2) & (bimodal < 0.9)).sum())
+    assert f"changes the kept count by {moved:,} pairs" in notes["bimodal"]
+    assert "the threshold matters little" in notes["bimodal"] and "bimodal" in notes["bimodal"]
+    assert "The threshold matters on this crawl" in notes["spread"] and "matters little" not in notes["spread"]
+
+
+def test_detection_per_noise_kind_matches_sklearn():
+    rng = np.random.default_rng(7)
+    kinds = rng.choice(["clean", "shuffle", "near-miss", "made-up"], 2000, p=[0.6, 0.2, 0.15, 0.05])
+    values = np.clip(rng.normal(np.where(kinds == "clean", 0.7, np.where(kinds == "near-miss", 0.5, 0.3)), 0.2),
+                     0, 1)
+    truth = np.array([bool(k == "clean") for k in kinds], dtype=object)
+    rows = _score_rows(values, truth, list(kinds))
+    rows["decision"] = np.where(values >= 0.5, "keep", "drop").astype(object)
+    rows.update({c: np.full(2000, np.nan) for c in ("soft_label", "p_clean", "encoder_cosine")})
+    stats = scan.Stats(bins=ScoreBins({"clean_score": ColumnBins("clean_score", 0.0, 1.0)}))
+    stats.auc = scan.auc_columns(Rule("clean_score", 0.5, False), stats.bins)
+    scan.add_stats(stats, rows, Rule("clean_score", 0.5, False), np.arange(2000, dtype=np.uint64))
+    found = {kind: (pairs, kept, auroc) for kind, pairs, kept, auroc in stats.kind_rows()}
+    assert list(found) == ["clean", "shuffle", "near-miss", "other"]  # known kinds in order; the rest as other
+    for kind, name in (("shuffle", "shuffle"), ("near-miss", "near-miss"), ("made-up", "other")):
+        mask = (kinds == "clean") | (kinds == kind)
+        assert found[name][2] == pytest.approx(roc_auc_score(kinds[mask] == "clean", values[mask]), abs=2e-3)
+        assert found[name][:2] == ((kinds == kind).sum(), ((kinds == kind) & (values >= 0.5)).sum())
+    assert found["clean"][2] is None
+
+
+def test_the_rerun_command_reproduces_the_run_config(truth_run, tmp_path):
+    """The slider's command, given to `bicro-clean config` (which takes exactly run's flags) with a CONFIG.yaml
+    holding the settings the page says came from a file, is this run's configuration with only the rule changed."""
+    import shlex
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from bicro_clean.cli import app
+
+    config = config_of(truth_run)
+    commands = run_commands(config, by_fraction=True)
+    assert commands.from_file and all(name.startswith("bicro.") for name in commands.from_file)
+    settings = changed_settings(config)
+    file = {}
+    for name in commands.from_file:
+        section, field = name.split(".")
+        file.setdefault(section, {})[field] = settings[name]
+    (tmp_path / "CONFIG.yaml").write_text(yaml.safe_dump(file))
+    argv = shlex.split(commands.run.replace("CONFIG.yaml", str(tmp_path / "CONFIG.yaml")))[2:]
+    done = CliRunner().invoke(app, ["config", *argv, "--threshold", "0.25"])
+    assert done.exit_code == 0, done.output
+    effective = yaml.safe_load(done.output)
+    effective["out"].pop("overwrite", None)  # who may write, not what is written (not in model_dump either)
+    want = config.model_dump(mode="json")
+    want["select"] = {**want["select"], "threshold": 0.25, "keep_fraction": None}
+    for section in ("reader", "bicro", "select", "out"):
+        assert effective[section] == want[section], section
+    for field in ("encoder", "dtype", "autocast"):
+        assert effective["embed"][field] == want["embed"][field]
+    assert effective["input"] in (config.input, [config.input]) and effective["output"] == config.output
+
+
+def test_the_page_shows_one_noise_estimate_and_the_new_galleries(blind_run, tmp_path):
+    truth_run = build_run(tmp_path, Options(images=48))  # 96 pairs: the rule gets some wrong both ways
+    for out, truth in ((truth_run, True), (blind_run, False)):
+        page, rows = _page(out), _annotated(out)
+        scores = _floats(rows, "clean_score")
+        assert _stat(page, "Estimated noise") == f"{1 - np.nanmean(scores):.1%}"
+        assert page.count("Estimated noise") == 1 and "mixture noisy weight" not in page
+        assert slider_data(page)["noise"] == pytest.approx(1 - np.nanmean(scores), abs=1e-9)
+        assert 'id="random_dropped"' in page and 'id="flat-note"' in page
+        assert ('id="kept_noisy"' in page) == truth and ('id="dropped_clean"' in page) == truth
+        assert ('id="kinds"' in page) == truth  # the fixture writes noise_kind where truth is known
+    config, manifest = config_of(truth_run), json.loads((truth_run / "manifest.json").read_text())
+    _, picks = scan_annotated(annotated_paths(config, manifest), Rule.from_run(config, manifest), seed=0)
+    assert picks["kept_noisy"] and {(r["decision"], r["truth_clean"]) for r in picks["kept_noisy"]} == {("keep", False)}
+    assert picks["dropped_clean"] and {(r["decision"], r["truth_clean"]) for r in picks["dropped_clean"]} == {
+        ("drop", True)}
+    assert picks["random_dropped"] and {r["decision"] for r in picks["random_dropped"]} == {"drop"}
+
+
+def test_the_page_shows_the_noise_estimate_the_manifest_records(tmp_path):
+    """Where the manifest records the run's estimates (the figures the run summary printed), the page shows those
+    very numbers, in its card and at every slider position."""
+    out = build_run(tmp_path, Options(images=8, keep_fraction=None))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["estimates"] = {"noise_share": 0.123456, "kept_precision": 0.876543, "clean_lost": 1.5, "scored": 16}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    page = Path(write_report(config_of(out), str(out / "manifest.json"))).read_text(encoding="utf-8")
+    assert _stat(page, "Estimated noise") == "12.3%" and _stat(page, "Expected kept precision") == "87.7%"
+    assert slider_data(page)["noise"] == 0.123456

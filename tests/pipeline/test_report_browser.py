@@ -8,6 +8,7 @@ Skipped when no chromium binary is installed (apt-get install -y chromium).
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -63,12 +64,12 @@ def report(tmp_path_factory) -> Path:
     return build_run(tmp_path_factory.mktemp("run")) / "report.html"
 
 
-def _probe(report: Path, tmp_path: Path) -> dict:
-    """The report with PROBE appended, opened in the browser: the probe's log."""
+def _probe(report: Path, tmp_path: Path, probe: str = PROBE) -> dict:
+    """The report with `probe` appended, opened in the browser: the probe's log."""
     page = report.read_text(encoding="utf-8")
     assert page.count("</body>") == 1
     probed = tmp_path / "probed.html"
-    probed.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    probed.write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
     # The report's own CSP allows inline scripts only, so the probe runs like the report's script does.
     dom = dump_dom(probed, tmp_path / "profile")
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
@@ -112,3 +113,81 @@ def test_plain_report_runs_its_script_without_errors(report, tmp_path):
     assert kept and re.fullmatch(r"[\d,]+", kept.group(1))  # filled in by the script on load
     assert len(re.findall(r'class="th-pair (keep|drop)"', dom)) > 0
     assert "<b>&" not in dom and "colour" in dom  # captions inserted as text, never as markup
+
+
+# ---------------------------------------------------------------- what a threshold buys, without labels
+
+# Moves the clean_score slider to each position in POSITIONS (bin edges: threshold = position / 1000 on
+# clean_score's [0, 1] bins) and records every readout of what that threshold buys, and its commands.
+BUYS_PROBE = """<script>
+(function () {
+  var range = document.getElementById("th-slider"), select = document.getElementById("th-column");
+  select.selectedIndex = 0;
+  select.dispatchEvent(new Event("change", {bubbles: true}));
+  var log = {column: select.selectedOptions[0].textContent, positions: []};
+  POSITIONS.forEach(function (k) {
+    range.value = k;
+    range.dispatchEvent(new Event("input", {bubbles: true}));
+    var out = {k: k};
+    ["th-value", "th-kept", "th-exp-precision", "th-exp-lost", "th-noise", "th-cmd-threshold", "th-cmd-fraction",
+     "th-cmd-select"].forEach(function (id) { out[id] = document.getElementById(id).textContent; });
+    log.positions.push(out);
+  });
+  var pre = document.createElement("pre");
+  pre.id = "probe";
+  pre.textContent = JSON.stringify(log);
+  document.body.appendChild(pre);
+})();
+</script>"""
+POSITIONS = [0, 150, 200, 420, 500, 731, 900, 1000]
+
+
+@pytest.fixture(scope="module")
+def blind_report(tmp_path_factory) -> Path:
+    """A run without truth_clean (nothing measured), clean_score >= 0.5 kept, 96 pairs plus a reader error."""
+    from report_fixture import Options
+
+    return build_run(tmp_path_factory.mktemp("blind"), Options(truth=False, keep_fraction=None, images=48,
+                                                               seed=3)) / "report.html"
+
+
+def _numbers(text: str) -> float:
+    return float(text.replace(",", "").rstrip("%"))
+
+
+@pytest.mark.parametrize("which", ["blind_report", "report"])
+def test_slider_readouts_match_the_annotated_files(which, request, tmp_path):
+    """At several slider positions the expected precision (mean clean_score of the pairs kept), the expected clean
+    pairs lost (sum of clean_score below the threshold), the noise estimate (1 - mean clean_score) and the commands
+    agree with the same figures computed from the annotated Parquet files with polars. Slider positions are bin
+    edges, where the page's sums are exact: the tolerance is the display rounding (0.05 percentage points for a
+    percentage shown to 0.1%, 0.5 pair for a count shown whole)."""
+    import polars as pl
+
+    page = request.getfixturevalue(which)
+    log = _probe(page, tmp_path, BUYS_PROBE.replace("POSITIONS", json.dumps(POSITIONS)))
+    rows = (pl.scan_parquet(str(page.parent / "annotated" / "*.parquet"))
+            .filter((pl.col("decision") != "error") & pl.col("clean_score").is_not_null()).select("clean_score")
+            .collect()["clean_score"])
+    n = len(rows)
+    assert log["column"] == "clean_score" and len(log["positions"]) == len(POSITIONS) and n > 20
+    noise = 1 - rows.mean()
+    for state in log["positions"]:
+        t = state["k"] / 1000
+        kept = rows.filter(rows >= t)
+        assert float(state["th-value"]) == pytest.approx(t, abs=1e-12)
+        assert _numbers(state["th-kept"]) == len(kept)  # exact at an edge
+        if len(kept):
+            assert abs(_numbers(state["th-exp-precision"]) - 100 * kept.mean()) <= 0.05 + 1e-9, state
+        else:
+            assert state["th-exp-precision"] == "n/a"
+        assert abs(_numbers(state["th-exp-lost"]) - rows.filter(rows < t).sum()) <= 0.5 + 1e-9, state
+        assert abs(_numbers(state["th-noise"]) - 100 * noise) <= 0.05 + 1e-9
+        assert state["th-cmd-threshold"].startswith("bicro-clean run --input ")
+        assert state["th-cmd-threshold"].endswith(f" --threshold {t:g} --overwrite")
+        if len(kept):
+            fraction = float(re.search(r"--keep-fraction (\S+) --overwrite$", state["th-cmd-fraction"]).group(1))
+            assert math.floor(fraction * n + 1e-9) == len(kept)  # select.n_to_keep keeps exactly these pairs
+            assert state["th-cmd-select"] == f"bicro-clean select --from {page.parent} --keep-fraction {fraction:g}"
+        else:
+            assert "no keep fraction" in state["th-cmd-fraction"] and state["th-cmd-select"] == ""

@@ -33,7 +33,7 @@ from PIL import Image, PngImagePlugin
 
 from conftest import tar_bytes
 from report_fixture import BROWSER_FLAGS, chromium, dump_dom, slider_data
-from bicro_clean.pipeline.report.page import image_tag
+from bicro_clean.pipeline.report.gallery import image_tag
 from bicro_clean.pipeline.report.thumbnails import Thumb, shown_uri
 
 pytestmark = pytest.mark.slow  # one small whole run through the CLI (12-35 s on 2 shared cores), six browser starts

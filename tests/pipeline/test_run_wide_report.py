@@ -15,7 +15,8 @@ def _rows(n, rng):
             "decision": np.array(rng.choice(["keep", "drop", "error"], n), dtype=object),
             "clean_score": np.round(rng.random(n), 1),  # heavy ties
             "p_clean": np.round(rng.random(n), 1),
-            "soft_label": rng.choice([0.0, 0.5, 1.0], n)}
+            "soft_label": rng.choice([0.0, 0.5, 1.0], n),
+            "truth_clean": np.array(rng.choice([True, False, None], n), dtype=object)}
 
 
 def _every_row_in_python(rows, rule, prio):
@@ -24,12 +25,17 @@ def _every_row_in_python(rows, rule, prio):
     second = rows["p_clean"] if rule.column == "soft_label" else np.zeros(len(value))
     scored = np.flatnonzero((rows["decision"] != "error") & ~np.isnan(value) & ~np.isnan(second))
     kept = np.flatnonzero(rows["decision"] == "keep")
-    rank = {int(i): (int(prio[i]), shard[i], key[i]) for i in np.union1d(scored, kept)}
+    dropped = np.flatnonzero(rows["decision"] == "drop")
+    truth = rows["truth_clean"]
+    rank = {int(i): (int(prio[i]), shard[i], key[i]) for i in range(len(value))}
     pick = lambda index, sort_key: [(sort_key(i), scan._row(rows, i))  # noqa: E731
                                     for i in heapq.nsmallest(scan.GALLERY_SIZE, index, key=sort_key)]
     return {"lowest": pick(scored, lambda i: (value[i], second[i], *rank[i])),
             "borderline": pick(scored, lambda i: (abs(value[i] - rule.threshold), *rank[i])),
-            "random_kept": pick(kept, lambda i: rank[i])}
+            "random_kept": pick(kept, lambda i: rank[i]),
+            "random_dropped": pick(dropped, lambda i: rank[i]),
+            "kept_noisy": pick([i for i in kept if truth[i] is False], lambda i: rank[i]),
+            "dropped_clean": pick([i for i in dropped if truth[i] is True], lambda i: rank[i])}
 
 
 @pytest.mark.parametrize("column", ["clean_score", "soft_label"])

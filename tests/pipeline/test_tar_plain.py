@@ -1,6 +1,7 @@
 """The write stage's fast paths give tarfile's bytes and tarfile's reading exactly.
 
-Writer: `tar_header`/`sample_blob`/`tar_end` and `ShardedTarWriter` against tarfile's own stream-mode writer.
+Writer: `tar_header`/`sample_blob`/`tar_end`, the write stage's parts and the packed shards against tarfile's own
+stream-mode writer.
 Reader: `iter_shard` with the plain-tar fast path (pipeline.tar_plain) against the same reader with the fast path
 switched off (tarfile alone, mode "r|*"), on well-formed, odd and damaged tars: same samples, issues, reason codes
 and byte offsets.
@@ -14,7 +15,6 @@ import random
 import shlex
 import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +22,9 @@ from bicro_clean.pipeline import tar_plain
 from bicro_clean.pipeline.config import ReaderConfig
 from bicro_clean.pipeline.shards import unsafe_name_problem
 from bicro_clean.pipeline.tar_reader import _PLAIN_NAME, iter_shard
-from bicro_clean.pipeline.writers import ShardedTarWriter, sample_blob, tar_end, tar_header, tar_info
+from bicro_clean.pipeline.writers import sample_blob, tar_end, tar_header, tar_info
+
+from pack_fixture import pack_parts
 
 NAMES = ["a.jpg", "0001/000000001.txt", "x" * 99 + ".j", "x" * 100, "x" * 101 + ".txt", "é.txt", "k\udcff.bin",
          "日本/語.json", "k\0.txt", ".hidden", ""]
@@ -55,23 +57,21 @@ def test_sample_bytes_and_end_are_tarfiles_stream():
         assert blob + tar_end(len(blob)) == _tarfile_stream(members)
 
 
-def test_sharded_writer_matches_tarfile_tar_by_tar(tmp_path):
+def test_packed_shards_match_tarfile_tar_by_tar(tmp_path):
     samples = [[(f"k{i}.jpg", bytes([i]) * (i * 300)), (f"k{i}.json", b"{}")] for i in range(7)]
-    writer = ShardedTarWriter(str(tmp_path), "s", maxcount=3, maxsize=10**9)
-    for members in samples:
-        writer.add(members)
-        writer.note("kept")
-    tars = writer.close("in.tar")
-    assert [t.successes for t in tars] == [3, 3, 1]
-    for tar, group in zip(tars, (samples[0:3], samples[3:6], samples[6:])):
+    # two input shards (4 + 3 samples) packed 3 to a shard: 00001.tar spans both parts
+    _, stats = pack_parts(tmp_path, [[(m, "kept") for m in samples[:4]], [(m, "kept") for m in samples[4:]]],
+                          maxcount=3)
+    assert [s["successes"] for s in stats] == [3, 3, 1]
+    for stat, group in zip(stats, (samples[0:3], samples[3:6], samples[6:])):
         expected = _tarfile_stream([m for members in group for m in members])
-        assert Path(tar.path).read_bytes() == expected
-        assert tar.bytes == len(expected)
+        assert (tmp_path / "shards" / f"{stat['shard']}.tar").read_bytes() == expected
+        assert stat["bytes"] == len(expected)
 
 
 def test_empty_output_tar_is_tarfiles_empty_archive(tmp_path):
-    tars = ShardedTarWriter(str(tmp_path), "s", maxcount=10, maxsize=10**9).close("in.tar")
-    assert Path(tars[0].path).read_bytes() == _tarfile_stream([])
+    pack_parts(tmp_path, [[]])
+    assert (tmp_path / "shards" / "00000.tar").read_bytes() == _tarfile_stream([])
 
 
 # ---------------------------------------------------------------- reader

@@ -1,6 +1,6 @@
-"""Output writers: deterministic cleaned tars (byte-identical members, scores in the JSON), resharding, stats."""
+"""Output writers: deterministic tar bytes (byte-identical members, scores in the JSON), keep keys. Packing the
+parts into numbered shards and their stats: tests/pipeline/test_pack.py."""
 
-import hashlib
 import io
 import json
 import tarfile
@@ -8,7 +8,9 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bicro_clean.pipeline.writers import ShardedTarWriter, json_with_scores, member_bytes, sample_members, write_keep_keys
+from bicro_clean.pipeline.shards import shard_id
+from bicro_clean.pipeline.parts import PartWriter
+from bicro_clean.pipeline.writers import json_with_scores, sample_members, write_keep_keys
 
 
 def _samples(n=5, size=100):
@@ -21,14 +23,13 @@ def _samples(n=5, size=100):
     return out
 
 
-def _write(out_dir, samples, maxcount=10, maxsize=10**9, reasons=None):
-    writer = ShardedTarWriter(str(out_dir), "in-abc", maxcount, maxsize)
+def _write(out_dir, samples):
+    """The samples kept, as the write stage's part (a complete tar of them); its path."""
+    writer = PartWriter(str(out_dir / "part.tar"))
     for i, (key, members, names) in enumerate(samples):
-        writer.add(sample_members(key, members, names, key, {"soft_label": 0.5 + i / 100}))
-        writer.note("kept")
-    for reason in reasons or []:
-        writer.note(reason)
-    return writer.close("in.tar")
+        writer.add(i, sample_members(key, members, names, key, {"soft_label": 0.5 + i / 100}))
+    writer.close(str(out_dir / "part.index.parquet"), {})
+    return out_dir / "part.tar"
 
 
 def _members(path):
@@ -38,8 +39,7 @@ def _members(path):
 
 def test_members_round_trip_byte_for_byte_and_json_gets_scores(tmp_path):
     samples = _samples(3)
-    [shard] = _write(tmp_path, samples)
-    members = _members(shard.path)
+    members = _members(_write(tmp_path, samples))
     assert [m.name for m, _ in members] == [f"k{i}.{e}" for i in range(3) for e in ("jpg", "json", "txt")]
     by_name = {m.name: data for m, data in members}
     for key, original, _ in samples:
@@ -58,46 +58,6 @@ def test_json_is_created_when_missing_and_renamed_keys_keep_extensions():
     assert list(doc) == ["b", "a", "bicro"]  # original field order kept
 
 
-def test_resharding_by_maxcount_and_stats_reconcile(tmp_path):
-    shards = _write(tmp_path, _samples(5), maxcount=2, reasons=["noisy_division", "decode_error"])
-    assert [s.name for s in shards] == ["in-abc-00000", "in-abc-00001", "in-abc-00002"]
-    assert [s.successes for s in shards] == [2, 2, 1]
-    stats = [json.loads((tmp_path / f"{s.name}_stats.json").read_text()) for s in shards]
-    assert sum(s["count"] for s in stats) == 7 and sum(s["successes"] for s in stats) == 5
-    assert stats[-1]["status_dict"] == {"decode_error": 1, "kept": 1, "noisy_division": 1}
-    for shard, stat in zip(shards, stats):
-        data = open(shard.path, "rb").read()
-        assert stat["sha256"] == hashlib.sha256(data).hexdigest() and stat["bytes"] == len(data)
-
-
-def test_resharding_by_maxsize(tmp_path):
-    samples = _samples(4, size=3000)
-    one = sum(member_bytes(n, len(d)) for n, d in sample_members(*samples[0][:3], "k0", {"soft_label": 0.5}))
-    shards = _write(tmp_path, samples, maxsize=2 * one + 1024)
-    assert [s.successes for s in shards] == [2, 2]
-    assert all(s.bytes <= 2 * one + 1024 + tarfile.RECORDSIZE for s in shards)
-
-
-def test_nothing_kept_still_gives_one_empty_tar_with_stats(tmp_path):
-    [shard] = _write(tmp_path, [], reasons=["noisy_division"])
-    assert _members(shard.path) == [] and shard.count == 1 and shard.successes == 0
-
-
-def test_two_writes_are_byte_identical(tmp_path):
-    a = _write(tmp_path / "a", _samples(5), maxcount=2)
-    b = _write(tmp_path / "b", _samples(5), maxcount=2)
-    assert [s.sha256 for s in a] == [s.sha256 for s in b]
-    for name in ("in-abc-00000_stats.json", "in-abc-00002.tar"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-
-
-def test_abort_leaves_no_file(tmp_path):
-    writer = ShardedTarWriter(str(tmp_path), "x", 10, 10**9)
-    writer.add([("k.txt", b"1")])
-    writer.abort()
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_keep_keys_streams_filtered_files(tmp_path):
     paths = []
     for i in range(2):
@@ -106,15 +66,19 @@ def test_keep_keys_streams_filtered_files(tmp_path):
         paths.append(str(tmp_path / f"{i}.parquet"))
     assert write_keep_keys(paths, str(tmp_path / "keep.parquet")) == 4
     keys = pq.read_table(tmp_path / "keep.parquet")
-    assert keys.column_names == ["shard", "key", "uid"] and keys["shard"].to_pylist() == ["s0", "s0", "s1", "s1"]
+    assert keys.column_names == ["shard", "shard_id", "key", "uid"]
+    assert keys["shard"].to_pylist() == ["s0", "s0", "s1", "s1"]
     assert keys["uid"].null_count == 4  # filtered files without a uid column: null uids
+    # filtered files without a shard_id column (written before it existed): the same ids, computed
+    assert keys["shard_id"].to_pylist() == [shard_id(s) for s in ["s0", "s0", "s1", "s1"]]
 
 
 def test_members_are_copied_not_reencoded(tmp_path):
     # arbitrary binary image bytes (not even a valid image) must come out unchanged
     payload = bytes(range(256)) * 3
-    writer = ShardedTarWriter(str(tmp_path), "z", 10, 10**9)
-    writer.add(sample_members("k", {"webp": payload}, {"webp": "k.webp"}, "k", {}))
-    [shard] = writer.close("in")
-    assert dict((m.name, d) for m, d in _members(shard.path))["k.webp"] == payload
-    assert tarfile.open(fileobj=io.BytesIO(open(shard.path, "rb").read())).getnames() == ["k.webp", "k.json"]
+    writer = PartWriter(str(tmp_path / "z.tar"))
+    writer.add(0, sample_members("k", {"webp": payload}, {"webp": "k.webp"}, "k", {}))
+    writer.close(str(tmp_path / "z.index.parquet"), {})
+    path = tmp_path / "z.tar"
+    assert dict((m.name, d) for m, d in _members(path))["k.webp"] == payload
+    assert tarfile.open(fileobj=io.BytesIO(path.read_bytes())).getnames() == ["k.webp", "k.json"]

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 
+from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from prefect.events.worker import EventsWorker
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from bicro_clean.models.devices import DeviceUnavailableError
@@ -35,8 +35,6 @@ KINDS: tuple[tuple[type[BaseException], str], ...] = (
     (DeviceUnavailableError, "device"))
 ONE_LINE_ERRORS = tuple(kind for kind, _ in KINDS)
 EVENT = "bicro-clean.run.failed"
-
-
 ENGINE_RERAISE = "Engine execution exited with unexpected exception"  # prefect/flow_engine.py's top-level log
 
 
@@ -61,15 +59,15 @@ def one_line(error: BaseException) -> str:
 
 
 def _announce(line: str) -> None:
-    """The line in the run's log and as an event of the flow run (what `--watch` shows), sent before the state
-    changes so the watch prints it before the Failed that ends it."""
-    run_id = flow_run.get_id()
-    try:
-        get_run_logger().error(line)
-    except Exception:  # no run context (the flow function called as a plain function): the module's logger
-        logger.error(line)
-    if not run_id:
+    """For a deployment's run: the line in the run's log and as an event of the flow run (what `--watch` shows),
+    sent before the state changes so the watch prints it before the Failed that ends it. A run without a
+    deployment was called in-process (`bicro-clean run`), whose caller prints the line itself, once."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    if run is None or run.deployment_id is None:
         return
+    run_id = run.id
+    get_run_logger().error(line)
     try:
         emit_event(EVENT, resource={"prefect.resource.id": f"bicro-clean.run.{run_id}",
                                     "prefect.resource.name": line},

@@ -3,8 +3,8 @@
     python -m bicro_clean.lab.run_quality OUT [--fraction 0.6]
 
 prints one JSON line: AUROC of each score column, the mean clean_score against the true clean share, the precision
-of the top `fraction` by clean_score and of the pairs the run kept, and how many distinct clean_score values there
-are. The README's and docs/bicro.md's pipeline-path figures come from it.
+of the top `fraction` by clean_score and of the pairs the run kept (measured, and expected: their mean clean_score,
+as the report and the run summary state it), and how many distinct clean_score values there are. The README's and docs/bicro.md's pipeline-path figures come from it.
 """
 
 from __future__ import annotations
@@ -32,9 +32,14 @@ def run_quality(out: str, fraction: float = 0.6) -> dict:
         values = rows[column].to_numpy()
         if not np.isnan(values.astype(float)).all():
             result[f"auroc_{column}"] = round(auroc(values, truth), 4)
+    expected = float(score[kept].mean()) if kept.any() else math.nan
     result |= {"mean_clean_score": round(float(score.mean()), 4),
+               "mean_error": round(float(score.mean() - truth.mean()), 4),
                f"precision_top_{fraction:g}": round(float(truth[top].mean()), 4),
                "kept": int(kept.sum()), "precision_kept": round(float(truth[kept].mean()), 4),
+               # what the report and the run summary promise for the kept pairs, without labels
+               "expected_precision_kept": round(expected, 4),
+               "expected_precision_error": round(expected - float(truth[kept].mean()), 4),
                "distinct_clean_score": int(len(np.unique(score)))}
     return result
 

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from bicro_clean.models.anchors import AnchorIndex
-from bicro_clean.models.clean_score import CleanScorer, evidence_matrix
+from bicro_clean.models.clean_score import CleanScorer, evidence_matrix, evidence_width
 from bicro_clean.models.consistency import consistency_labels, consistency_space, soft_labels, top_anchor_mask
 from bicro_clean.models.cotrain import NegativeBank, embed_pairs, torch_threads
 from bicro_clean.models.forward import chunked, row_hashes
 from bicro_clean.models.losses import bank_mean_hinge
+from bicro_clean.models.margins import MARGIN_COLUMNS, anchor_margins, resolve_anchor_margins
 from bicro_clean.models.matcher import Matcher
 from bicro_clean.models.mixture import Mixture, mixture_from_tensor, normalise_losses
 from bicro_clean.models.params import BiCroParams
@@ -34,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_FLOAT = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score", "loss0", "loss1")
 OUTPUT_INT = ("anchor_for_image", "anchor_for_text")
-FORMAT_VERSION = 2  # 2: the clean_score calibration (models/clean_score.py)
+FORMAT_VERSION = 3  # 2: the clean_score calibration (models/clean_score.py); 3: anchor margins (models/margins.py)
+# Versions load() reads: a version-2 checkpoint predates anchor margins, so it has them off (5 evidence columns).
+READABLE_VERSIONS = (2, 3)
 
 
 # Rows per fixed-shape scoring chunk. On the 2-core AVX2 machine MKL's sgemm ran at 17 GFLOP/s on 256-row
@@ -114,7 +117,11 @@ class BiCroModel:
         device: str | torch.device = "cpu",
         centers: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
-        self.params = params
+        # anchor_margins resolved once, here (on the fit's device) and kept resolved: clean_score has one weight
+        # per evidence column, so a checkpoint scores with the fit's choice on any device (load passes it resolved)
+        resolved = resolve_anchor_margins(params.anchor_margins, torch.device(device).type)
+        self.params = params if resolved == params.anchor_margins else params.model_copy(
+            update={"anchor_margins": resolved})
         self.centers = centers  # per network (image, text) mean used by consistency_space, or None
         self.nets = [net.eval() for net in nets]
         self.mixtures = mixtures
@@ -153,6 +160,11 @@ class BiCroModel:
     def anchor_keys(self, value: list[str]) -> None:
         self._anchor_keys = list(value)
         self._anchor_pos = {key: i for i, key in enumerate(self._anchor_keys)}
+
+    @property
+    def margins_on(self) -> bool:
+        """Whether score() outputs margin_i2t / margin_t2i and clean_score weighs them (fixed at fit time)."""
+        return self.params.anchor_margins == "on"
 
     # ---- scoring
 
@@ -256,6 +268,10 @@ class BiCroModel:
             "loss0": losses_nets[0],
             "loss1": losses_nets[1],
         }
+        if self.margins_on:  # same vectors, groups, self-exclusion and chunks as the consistency search above
+            margins = anchor_margins(ens_img_u[inv_i], ens_txt_u[inv_t], self.anchor_img, self.anchor_txt, own,
+                                     st.indexes, (g_img, g_txt), chunk)
+            out |= {name: m.cpu().numpy().astype(np.float32) for name, m in zip(MARGIN_COLUMNS, margins)}
         if self.clean_scorer is not None:  # None only in finalise's own scoring, before the calibration exists
             # the evidence is read from the output columns, exactly as train.calibrate_clean_score reads it
             out["clean_score"] = self.clean_scorer(evidence_matrix(out))
@@ -278,7 +294,8 @@ class BiCroModel:
             for s in range(0, n, step):
                 parts.append(self._score_block(image_emb[s : s + step], text_emb[s : s + step], own[s : s + step]))
         if not parts:
-            empty = {k: np.zeros(0, np.float32) for k in OUTPUT_FLOAT} | {k: np.zeros(0, np.int64) for k in OUTPUT_INT}
+            floats = OUTPUT_FLOAT + (MARGIN_COLUMNS if self.margins_on else ())
+            empty = {k: np.zeros(0, np.float32) for k in floats} | {k: np.zeros(0, np.int64) for k in OUTPUT_INT}
             return empty | ({"clean_score": np.zeros(0)} if self.clean_scorer is not None else {})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -325,9 +342,10 @@ class BiCroModel:
 
         path = Path(path)
         meta = json.loads((path / "model.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format_version')}")
-        params = BiCroParams.from_dict(meta["params"])
+        # the fit's resolved choice; a checkpoint from before anchor margins has them off
+        params = BiCroParams.from_dict({"anchor_margins": "off"} | meta["params"])
         tensors = load_file(str(path / "tensors.safetensors"), device="cpu")
         nets, mixtures, ranges = [], [], []
         for k in range(2):
@@ -365,6 +383,10 @@ class BiCroModel:
             centers,
         )
         model.clean_scorer = CleanScorer.from_tensor(tensors["clean_scorer"])
+        width = evidence_width(model.margins_on)
+        if len(model.clean_scorer.weights) != width:
+            raise ValueError(f"{path}: clean_score has {len(model.clean_scorer.weights)} evidence weights, the "
+                             f"checkpoint's anchor_margins={params.anchor_margins} needs {width}")
         return model
 
 

@@ -37,6 +37,8 @@ EVIDENCE: tuple[tuple[str, int], ...] = (
     ("loss0", -1),  # network 0's normalised division loss (hinge over the fixed negative bank)
     ("loss1", -1),  # network 1's
 )
+# Appended to EVIDENCE when the model has anchor margins on (models/margins.py): a 7-column layout.
+MARGIN_EVIDENCE: tuple[tuple[str, int], ...] = (("margin_i2t", 1), ("margin_t2i", 1))
 # Every weight at least this: the score then rises strictly with every input (no flat directions, fewer ties).
 MIN_WEIGHT = 1e-6
 # Ridge on the weights, RIDGE / N per unit: nothing at 16k pairs, but a few dozen pairs (which a linear
@@ -48,9 +50,16 @@ PRIOR_RIDGE = 0.01
 MAX_ITERATIONS = 500
 
 
+def evidence_width(margins: bool) -> int:
+    """F: the evidence columns of a model with anchor margins on or off."""
+    return len(EVIDENCE) + (len(MARGIN_EVIDENCE) if margins else 0)
+
+
 def evidence_matrix(columns: dict[str, np.ndarray]) -> np.ndarray:
-    """(N, F) float64 evidence in EVIDENCE order, each column oriented so that larger = cleaner."""
-    return np.stack([sign * np.asarray(columns[name], dtype=np.float64) for name, sign in EVIDENCE], axis=1)
+    """(N, F) float64 evidence in EVIDENCE order, then MARGIN_EVIDENCE when `columns` has the margins (a model
+    with anchor margins on outputs them), each column oriented so that larger = cleaner."""
+    names = EVIDENCE + (MARGIN_EVIDENCE if all(name in columns for name, _ in MARGIN_EVIDENCE) else ())
+    return np.stack([sign * np.asarray(columns[name], dtype=np.float64) for name, sign in names], axis=1)
 
 
 def _log_odds_observed(theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -126,5 +135,6 @@ class CleanScorer:
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "CleanScorer":
-        v, f = t.double().cpu().numpy(), len(EVIDENCE)
+        v = t.double().cpu().numpy()
+        f = (len(v) - 2) // 3  # center, scale, weights (F each), bias, share: 5 or 7 evidence columns
         return cls(v[:f].copy(), v[f : 2 * f].copy(), v[2 * f : 3 * f].copy(), float(v[3 * f]), float(v[3 * f + 1]))

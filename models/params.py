@@ -86,10 +86,19 @@ class BiCroParams(BaseModel):
     # clean_score is calibrated on evidence from networks that never trained on the pair (models/calibration.py):
     # K fold models, each trained on the other folds of the fit pairs (docs/bicro.md#clean_score measures K).
     calibration_folds: int = Field(
-        2, ge=0, description="Fold models that cross-fit clean_score's calibration (each trained on the other folds; "
+        5, ge=0, description="Fold models that cross-fit clean_score's calibration (each trained on the other folds; "
         "the fit then trains 1 + K models, each fold model on (K-1)/K of the pairs). 0 = calibrate on the pairs the "
         "networks trained on (over-confident on small crawls). Unused when the crawl is at least twice the fit "
         "sample: pairs outside the sample calibrate it then."
+    )
+
+    # two more clean_score evidence columns (models/margins.py): resolved once at fit time and stored resolved in
+    # the checkpoint (clean_score has one weight per evidence column), so scoring follows the fit on any device
+    anchor_margins: Literal["auto", "on", "off"] = Field(
+        "auto", description="Anchor margins in clean_score's evidence: each pair's cosine minus its best anchor "
+        "caption (image side) and best anchor image (caption side). auto = on when the fit runs on CUDA, off on the "
+        "CPU (two more anchor searches per pair: docs/bicro.md#anchor-margins measures cost and gain). The fit "
+        "records its choice; scoring a checkpoint uses it on any device."
     )
 
     @model_validator(mode="after")

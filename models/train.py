@@ -19,7 +19,7 @@ import torch
 from bicro_clean.models.anchors import AnchorIndex
 from bicro_clean.models.bicro import BiCroModel
 from bicro_clean.models.calibration import OutOfFold, can_cross_fit, cross_fitted, fold_of
-from bicro_clean.models.clean_score import EVIDENCE, CleanScorer, evidence_matrix
+from bicro_clean.models.clean_score import CleanScorer, evidence_matrix, evidence_width
 from bicro_clean.models.consistency import (
     clean_set,
     consistency_labels,
@@ -171,7 +171,7 @@ def out_of_fold(image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str], pa
     """Each fold's pairs (and their re-pairing) scored by a model trained on the other folds (`train(rows)`)."""
     n, folds = len(image_emb), params.calibration_folds
     fold = fold_of(n, folds, params.seed)
-    observed, reference = np.zeros((n, len(EVIDENCE))), np.zeros((n, len(EVIDENCE)))
+    observed, reference = (np.zeros((n, evidence_width(params.anchor_margins == "on"))) for _ in range(2))
     for k in range(folds):
         rows, others = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
         model = train(others)

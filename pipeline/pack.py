@@ -39,7 +39,7 @@ from bicro_clean.pipeline.layout import (
     part_path,
     result_path,
 )
-from bicro_clean.pipeline.pack_plan import OutputPlan, Plan, is_current, plan_outputs, shard_marker
+from bicro_clean.pipeline.pack_plan import OutputPlan, Plan, is_current, plan_outputs
 from bicro_clean.pipeline.parquet_io import atomic_output, digest, join, read_columns, read_stage_metadata
 from bicro_clean.pipeline.shard_groups import write_group
 from bicro_clean.pipeline.shards import shard_id
@@ -80,27 +80,29 @@ def _copy_range(src: str, offset: int, length: int, sink: HashingSink) -> None:
             length -= len(chunk)
 
 
-def _stats(config: CleanConfig, out: OutputPlan, tables: dict[str, pa.Table]) -> OutputShard:
-    """The output shard's img2dataset-style stats from its segments' rows (reasons, renamed keys)."""
-    shard = OutputShard(out.name, output_shard_path(config.output, out.name), successes=out.count)
+def _stats(config: CleanConfig, out: OutputPlan, tables: dict[str, pa.Table]) -> tuple[OutputShard, list[str]]:
+    """The output shard's img2dataset-style stats from its segments' rows (reasons, renamed keys), and the input
+    shards (as given) those rows came from."""
+    shard, inputs = OutputShard(out.name, output_shard_path(config.output, out.name), successes=out.count), []
     for seg in out.segments:
         if seg.sid not in tables:
-            tables.clear()  # consecutive output shards share at most a shard: keep one
+            tables.clear()  # an output shard's last input shard is the next one's first: keep one table
             tables[seg.sid] = read_columns(_rows_path(config, seg.sid), STATS_COLUMNS)
         rows = tables[seg.sid].slice(seg.rows[0], seg.rows[1] - seg.rows[0]).to_pydict()
+        inputs += rows["shard"][:1]
         shard.count += len(rows["key"])
         shard.status.update(rows["reason"])
-        shard.renamed += [{"shard": s, "key": k, "output_key": n} for s, k, n, d in
+        shard.renamed += [{"shard": s, "shard_id": seg.sid, "key": k, "output_key": n} for s, k, n, d in
                           zip(rows["shard"], rows["key"], rows["output_key"], rows["decision"])
                           if d == select.KEEP and k != n]
-    return shard
+    return shard, list(dict.fromkeys(inputs))
 
 
 def pack_output(config: CleanConfig, out: OutputPlan, tables: dict[str, pa.Table]) -> bool:
     """Write one output shard and its stats (stats last: they mark it done); False when it was already done."""
     if is_current(config, out):
         return False
-    shard = _stats(config, out, tables)
+    shard, inputs = _stats(config, out, tables)
     with atomic_output(shard.path) as tmp, fsspec.open(tmp, "wb") as fh:
         sink = HashingSink(fh)
         for seg in out.segments:
@@ -109,13 +111,8 @@ def pack_output(config: CleanConfig, out: OutputPlan, tables: dict[str, pa.Table
         sink.write(tar_end(out.payload))
     shard.sha256, shard.bytes = sink.sha.hexdigest(), sink.size
     write_json_atomic(output_shard_path(config.output, out.name, "_stats.json"),
-                      {**shard.stats(_inputs(config, out)), resume.KEY: out.key})
+                      {**shard.stats(inputs), resume.KEY: out.key})
     return True
-
-
-def _inputs(config: CleanConfig, out: OutputPlan) -> list[str]:
-    """The input shards (as given) whose rows the output shard's stats count."""
-    return list(dict.fromkeys(shard_marker(config, seg.sid)["shard"] for seg in out.segments))
 
 
 def pack_group(outputs: list[OutputPlan], config: CleanConfig) -> int:
@@ -147,8 +144,11 @@ def _remove_part(config: CleanConfig, sid: str) -> None:
             fsspec.get_fs_token_paths(path)[0].rm(path)
 
 
-def place_shard(config: CleanConfig, sid: str, placed: list[tuple[str, int, int, int]], owned: list[str]) -> None:
-    """annotated/, filtered/ and the completion marker of one input shard, once its output shards are written."""
+def place_shard(config: CleanConfig, sid: str, placed: list[tuple[str, int, int, int]],
+                owned: list[tuple[str, str]]) -> None:
+    """annotated/, filtered/ and the completion marker of one input shard, once its output shards are written.
+    Skipped when its marker records the same placement: its rows' places and the content of the output shards it
+    lists (one it lists may be packed again when a later input shard changed)."""
     placement = digest(placed, owned)
     marker = result_path(config.output, sid)
     pending = read_json(part_path(config.output, sid, ".json"))
@@ -168,7 +168,7 @@ def place_shard(config: CleanConfig, sid: str, placed: list[tuple[str, int, int,
                # kept samples' rows and bytes: what a later run plans from without reading the input again
                output_entry(config, part_path(config.output, sid, ".index.parquet"), "part_index",
                             len(kept_rows(table)))]
-    for name in owned:  # each output shard listed once, by the input shard it starts with
+    for name, _ in owned:  # each output shard listed once, by the input shard it starts with
         stats_path = output_shard_path(config.output, name, "_stats.json")
         stats = read_json(stats_path) or {}
         outputs.append(output_entry(config, output_shard_path(config.output, name), "tar", stats.get("successes"),
@@ -179,7 +179,8 @@ def place_shard(config: CleanConfig, sid: str, placed: list[tuple[str, int, int,
     _remove_part(config, sid)
 
 
-def place_group(items: list[tuple[str, list[tuple[str, int, int, int]], list[str]]], config: CleanConfig) -> int:
+def place_group(items: list[tuple[str, list[tuple[str, int, int, int]], list[tuple[str, str]]]],
+                config: CleanConfig) -> int:
     for sid, placed, owned in items:
         place_shard(config, sid, placed, owned)
     return len(items)

@@ -62,13 +62,13 @@ class OutputPlan:
 @dataclass
 class Plan:
     """The run's cleaned shards. `placed`: per input shard id, (output name, position, kept first, kept end) of
-    its segments; `owned`: per input shard id, the output shards whose first segment it holds (its completion
-    marker lists them, so each output shard is listed once); `missing`: input shards whose bytes a shard that must
+    its segments; `owned`: per input shard id, (name, content key) of the output shards whose first segment it
+    holds (its completion marker lists them, so each output shard is listed once); `missing`: input shards whose bytes a shard that must
     be written again needs, but whose part an earlier run already packed and removed (they are written again)."""
 
     outputs: list[OutputPlan]
     placed: dict[str, list[tuple[str, int, int, int]]]
-    owned: dict[str, list[str]]
+    owned: dict[str, list[tuple[str, str]]]
     missing: list[str]
 
 
@@ -135,11 +135,11 @@ def plan_outputs(config: CleanConfig, sids: list[str]) -> Plan:
         cutter.add(*loaded)
     outputs = cutter.outputs
     placed: dict[str, list[tuple[str, int, int, int]]] = {sid: [] for sid in sids}
-    owned: dict[str, list[str]] = {sid: [] for sid in sids}
+    owned: dict[str, list[tuple[str, str]]] = {sid: [] for sid in sids}
     for out in outputs:
         out.name = output_name(out.index, len(outputs))
         out.key = digest(out.name, [(s.sid, s.key, s.rows, s.kept) for s in out.segments], package_version())
-        owned[out.segments[0].sid].append(out.name)
+        owned[out.segments[0].sid].append((out.name, out.key))
         for s in out.segments:
             if s.kept[1] > s.kept[0]:
                 placed[s.sid].append((out.name, s.position, *s.kept))

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILES = ("tensors.safetensors", "model.json")  # what BiCroModel.save writes; model.json last
 BATCH_ROWS = 4096  # rows per Parquet batch for a model that does not say (BiCroModel.score_batch_rows does)
-FLOAT_SCORES = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score")
+# margin_i2t / margin_t2i (models/margins.py) come from a checkpoint fitted with anchor margins on; null otherwise
+FLOAT_SCORES = ("p_clean", "consistency", "r_i2t", "r_t2i", "soft_label", "match_score", "margin_i2t", "margin_t2i")
 # float64: a calibrated probability near 0 or 1 needs the digits (float32 ties every pair with log-odds past ~17)
 DOUBLE_SCORES = ("clean_score",)
 ANCHOR_COLUMNS = {"anchor_key_i2t": "anchor_for_image", "anchor_key_t2i": "anchor_for_text"}
@@ -144,7 +145,8 @@ def score_batch(model: Any, batch: pa.RecordBatch, aligned: bool) -> dict[str, A
 
 def _fill(out: dict[str, Any], ok: np.ndarray, scored: dict[str, np.ndarray], model: Any) -> None:
     for column in FLOAT_SCORES:
-        out[column][ok] = np.asarray(scored[column], dtype=np.float32)
+        if column in scored:  # the anchor margins only where the checkpoint has them on: null otherwise
+            out[column][ok] = np.asarray(scored[column], dtype=np.float32)
     for column in DOUBLE_SCORES:
         out[column][ok] = np.asarray(scored[column], dtype=np.float64)
     rows = np.flatnonzero(ok)
@@ -192,7 +194,7 @@ def encoder_info(embedding_path: str) -> dict[str, Any]:
 # Bumped when the same checkpoint and embeddings score differently (2: the "pca" anchor search on the CPU; 3: its
 # IVF candidates from 4,096 anchor rows), so a rerun recomputes scores files made by the
 # older scoring instead of reusing them.
-SCORING_VERSION = 4  # 4: clean_score
+SCORING_VERSION = 5  # 4: clean_score; 5: the anchor margin columns
 
 
 def score_key(embedding_meta: dict[str, Any], checkpoint_sha: str) -> str:

@@ -57,6 +57,13 @@ def _truth_clean(doc: dict[str, Any]) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
+def _noise_kind(doc: dict[str, Any]) -> str | None:
+    """The injected noise kind of a benchmark sample (make-shards writes it beside truth_clean): the report's
+    detection per kind."""
+    value = doc.get("noise_kind")
+    return value[:32] if isinstance(value, str) else None
+
+
 def copy_kept(shard: str, reader: ReaderConfig, table: pa.Table, plan: dict[str, Any],
               writer: PartWriter, check: SampleCheck) -> None:
     """Stream the input shard once: copy kept samples into `writer` (with their rows), collect truth_clean.
@@ -77,6 +84,7 @@ def copy_kept(shard: str, reader: ReaderConfig, table: pa.Table, plan: dict[str,
             check.verify_row(row, item)
             doc = json_object(item.members.get("json"))  # parsed once: truth_clean here, the kept copy below
             plan["truth_clean"][row] = _truth_clean(doc)
+            plan["noise_kind"][row] = _noise_kind(doc)
         if decision[row] == select.KEEP:
             new_key = plan["output_key"][row]
             members = sample_members(item.key, item.members, item.names, new_key,
@@ -102,6 +110,7 @@ def annotated_table(table: pa.Table, plan: dict[str, Any], embeddings: pa.Table 
                  "anchor_key_t2i", "encoder_cosine"):
         columns[name] = table[name]
     columns["truth_clean"] = pa.array(plan["truth_clean"], pa.bool_())
+    columns["noise_kind"] = pa.array(plan["noise_kind"], pa.string())
     if embeddings is not None:
         columns.update(image_emb=embeddings["image_emb"], text_emb=embeddings["text_emb"])
     return pa.table(columns)
@@ -212,7 +221,7 @@ def write_stage(shard: str, config: CleanConfig, run_wide: select.RunWide) -> di
         progress.report("write", advance=1)
         return summary(done, cached=True)
     plan = {**select.shard_decisions(config, table, run_wide.cutoff), "table": table, "output_key": new_keys,
-            "truth_clean": [None] * table.num_rows}
+            "truth_clean": [None] * table.num_rows, "noise_kind": [None] * table.num_rows}
     result = _shard_result(config, shard, scores_meta, key, plan, run_wide.cutoff, keys)
     write_json_atomic(marker, result)
     progress.report("write", advance=1)

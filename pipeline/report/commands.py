@@ -9,6 +9,9 @@ output (resume.config_hash leaves them out too).
 
 `bicro-clean select --from OUT --keep-fraction F` re-decides a finished run from its own manifest with nothing
 else to repeat; `--threshold` there only replaces a threshold rule (a run made with a keep fraction keeps it).
+
+The page writes the output folder as OUT, never its path: the report's bytes depend only on the run's data and
+settings, so two runs of the same crawl into two folders (or buckets) write the same page.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ FLAGS = {"embed.encoder": "--encoder", "bicro.fit_sample": "--fit-sample", "bicr
          "reader.allow_pipe": "--allow-pipe"}
 SKIPPED = ("select.", "runner.", "out.overwrite", "input", "output", "checkpoint")
 CONFIG_FILE = "CONFIG.yaml"
+OUTPUT = "OUT"  # the page's name for the run's output folder (the one holding report.html)
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,10 @@ def _flag(name: str, value: Any) -> str:
     return f"{flag} {shlex.quote(str(value))}"
 
 
-def run_commands(config: CleanConfig, by_fraction: bool) -> Commands:
+def run_commands(config: CleanConfig, by_fraction: bool, output: str = OUTPUT) -> Commands:
+    """The commands with `output` as the output folder: OUTPUT on the page (see the module docstring)."""
     inputs = [config.input] if isinstance(config.input, str) else list(config.input)
-    parts = ["bicro-clean run", *(f"--input {shlex.quote(i)}" for i in inputs), f"--out {shlex.quote(config.output)}"]
+    parts = ["bicro-clean run", *(f"--input {shlex.quote(i)}" for i in inputs), f"--out {shlex.quote(output)}"]
     changed = changed_settings(config)
     from_file = tuple(sorted(n for n in changed if n not in FLAGS))
     if from_file:
@@ -80,5 +85,5 @@ def run_commands(config: CleanConfig, by_fraction: bool) -> Commands:
     parts += [_flag(name, value) for name, value in sorted(changed.items()) if name in FLAGS]
     if config.checkpoint:
         parts.append(f"--checkpoint {shlex.quote(config.checkpoint)}")
-    return Commands(" ".join(parts), f"bicro-clean select --from {shlex.quote(config.output)}", by_fraction,
+    return Commands(" ".join(parts), f"bicro-clean select --from {shlex.quote(output)}", by_fraction,
                     from_file)

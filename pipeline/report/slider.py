@@ -18,7 +18,7 @@ import json
 import math
 from typing import Any
 
-from bicro_clean.pipeline.report.commands import Commands
+from bicro_clean.pipeline.report.commands import OUTPUT, Commands
 from bicro_clean.pipeline.report.threshold import BINS, ScoreBins, example_rows
 from bicro_clean.pipeline.report.thumbnails import Thumb, shown_uri
 
@@ -82,7 +82,8 @@ def _command_block(commands: Commands | None) -> str:
                 f'<code>bicro-clean run</code> flags: give the same settings in <code>CONFIG.yaml</code>, without '
                 f'a <code>select:</code> section (the flags above set the rule).</p>')
     return (f'<div class="commands"><div class="near-title">this position as a command (a rerun with only another '
-            f'rule reuses every score)</div><pre class="cmd" id="th-cmd-threshold"></pre>'
+            f'rule reuses every score; <code>{OUTPUT}</code> is this run\'s output folder, the one holding this '
+            f'report)</div><pre class="cmd" id="th-cmd-threshold"></pre>'
             f'<pre class="cmd" id="th-cmd-fraction"></pre><pre class="cmd" id="th-cmd-select"></pre>{note}</div>')
 
 

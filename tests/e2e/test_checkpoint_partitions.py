@@ -81,13 +81,18 @@ def _partitions_in_parallel(cwd: Path, config: Path, shards: Path, checkpoint: s
     return [out for out, _ in procs]
 
 
+# Where a kept row went in the cleaned shards: each output folder numbers its own shards from 00000.tar, so a
+# partition's places differ from the one run's (the kept rows are the same).
+PLACES = ("output_shard", "output_index")
+
+
 def _rows(*outputs: Path) -> dict[tuple[str, str], dict]:
-    """Every annotated row of the output folders, by (shard, key)."""
+    """Every annotated row of the output folders, by (shard, key), less where it went in the cleaned shards."""
     rows = {}
     for out in outputs:
         for path in sorted((out / "annotated").glob("*.parquet")):
             for row in pq.read_table(path).to_pylist():
-                rows[(row["shard"], row["key"])] = row
+                rows[(row["shard"], row["key"])] = {k: v for k, v in row.items() if k not in PLACES}
     return rows
 
 
@@ -162,6 +167,12 @@ def test_select_across_partitions_gives_the_repeated_keys_and_the_keep_fraction_
         _ok(_cli(root, "-q", "select", "--from", str(part), "--plan", str(plan)))
     _same_rows(root / "one-fraction", parts)
     assert 0 < len(_kept(*parts)) < len(got)
+    for part in parts:  # each partition's cleaned shards: numbered from 00000.tar, its kept rows in them, in order
+        sizes = json.loads((part / "shards" / "sizes.json").read_text())
+        kept = [r for r in pq.read_table(str(part / "filtered")).to_pylist()]
+        assert sorted(sizes) == [f"{i:05d}.tar" for i in range(len(sizes))] and sum(sizes.values()) == len(kept)
+        assert sorted((r["output_shard"], r["output_index"]) for r in kept) == [
+            (name, i) for name, count in sorted(sizes.items()) for i in range(count)]
 
 
 def _refused(done: subprocess.CompletedProcess, kind: str) -> str:

@@ -58,6 +58,9 @@ def test_every_input_sample_has_a_row_and_counts_reconcile(run):
     assert set(dropped["reason"]) == {"below_keep_fraction"}  # the reason follows the rule chosen
     assert annotated.filter(pl.col("decision") == "keep")["reason"].unique().to_list() == ["kept"]
     assert annotated["truth_clean"].null_count() == 3  # only the hand-made shard has no ground truth
+    # the benchmark's noise kind comes along with the truth (the report's detection per kind reads it)
+    assert annotated["noise_kind"].null_count() == 3
+    assert set(annotated["noise_kind"].drop_nulls()) <= {"clean", "shuffle"}
     assert annotated.filter(pl.col("decision") != "error")["encoder_cosine"].null_count() == 0  # tiny is aligned
 
 
@@ -83,6 +86,12 @@ def test_manifest_lists_every_output_with_its_hash(run):
     assert sum(t["count"] for t in tars) == counts["kept"]
     stats = [o for o in manifest["outputs"] if o["kind"] == "stats"]
     assert sum(s["count"] for s in stats) == counts["in"]  # every input sample is attributed to one output tar
+    # 8 kept at maxcount 2: shards/00000..00003.tar, numbered over the run, each full; sizes.json as open_clip reads it
+    assert sorted(t["path"] for t in tars) == [f"shards/{i:05d}.tar" for i in range(4)]
+    assert json.loads((out / "shards" / "sizes.json").read_text()) == {f"{i:05d}.tar": 2 for i in range(4)}
+    assert manifest["cleaned_shards"] == summary["cleaned_shards"] | {"train_data": "shards/{00000..00003}.tar",
+                                                                      "sizes": "shards/sizes.json"}
+    assert summary["cleaned_shards"]["train_data"] == f"{out}/shards/{{00000..00003}}.tar"
 
 
 def test_cleaned_shards_load_in_webdataset_with_original_bytes(run, shard_dir):
@@ -139,7 +148,9 @@ def test_changed_output_settings_redo_shards_and_remove_stale_tars(run, shard_di
         run_pipeline(_config(shard_dir, copy, out=changed))  # another configuration's folder: --overwrite
     summary = run_pipeline(_config(shard_dir, copy, out={**changed, "overwrite": True}))
     assert summary["cached_shards"] == 0
-    assert len(list((copy / "shards").glob("*.tar"))) == 4  # one per input shard, stale -00001.tar removed
+    # 8 kept samples: 4 cleaned shards at maxcount 2, one at maxcount 100; the stale 00001..00003.tar removed
+    assert sorted(p.name for p in (copy / "shards").glob("*.tar")) == ["00000.tar"]
+    assert json.loads((copy / "shards" / "sizes.json").read_text()) == {"00000.tar": summary["kept"]}
     annotated = pl.read_parquet(str(copy / "annotated" / "*.parquet"))
     # the embeddings as stored (embed.dtype, float16 by default)
     assert annotated.schema["image_emb"] == pl.Array(pl.Float16, 64)

@@ -20,7 +20,7 @@ def test_each_error_gets_the_clis_line_and_a_failed_state_that_keeps_it():
     assert failures.one_line(CheckpointError("bad")) == "checkpoint error: bad"
     assert failures.one_line(DeviceUnavailableError("no cuda")) == "device error: no cuda"
     error = MissingInputError("no shard matches 'x'")
-    state = failures.failed(error)  # outside a flow run: no event to emit, the line goes to the module's log
+    state = failures.failed(error)  # outside a deployment's run: nothing to log or emit (the caller prints it)
     assert state.is_failed() and state.message == "input error: no shard matches 'x'" and state.data is error
 
 

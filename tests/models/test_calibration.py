@@ -77,8 +77,8 @@ def _crawl(n: int, noise: float, seed: int, dim: int = 64) -> tuple[np.ndarray, 
     """Pairs sharing a latent, with a known `noise` share of captions moved to other pairs."""
     rng = np.random.default_rng(seed)
     latent = rng.standard_normal((n, dim)).astype(np.float32)
-    image = latent + 1.2 * rng.standard_normal((n, dim)).astype(np.float32)
-    text = latent + 1.2 * rng.standard_normal((n, dim)).astype(np.float32)
+    image = latent + 0.8 * rng.standard_normal((n, dim)).astype(np.float32)
+    text = latent + 0.8 * rng.standard_normal((n, dim)).astype(np.float32)
     noisy = np.flatnonzero(rng.random(n) < noise)
     text[noisy] = text[np.roll(noisy, 1)]
     clean = np.ones(n, dtype=bool)
@@ -90,9 +90,10 @@ FAST = dict(embed_dim=64, hidden_dim=128, epochs=6, batch_size=64, lr=1e-3, bank
 
 
 def test_a_small_crawl_fit_is_calibrated_with_cross_fitting_and_over_confident_without():
-    image, text, clean = _crawl(1_600, 0.4, seed=5)
+    image, text, clean = _crawl(2_000, 0.4, seed=5)
     errors = {}
-    for folds in (0, 2):
+    default = BiCroParams().calibration_folds
+    for folds in (0, default):
         params = BiCroParams(**FAST, calibration_folds=folds)
         epochs = []
         _, out = fit_bicro(image, text, params, on_epoch=lambda e, info: epochs.append(e))
@@ -100,16 +101,18 @@ def test_a_small_crawl_fit_is_calibrated_with_cross_fitting_and_over_confident_w
         score = out["clean_score"]
         kept = score >= 0.5
         errors[folds] = (abs(score.mean() - clean.mean()), abs(score[kept].mean() - clean[kept].mean()))
-    assert errors[2][0] <= 0.03 and errors[2][1] <= 0.03, errors
-    assert errors[0][1] > errors[2][1], errors  # trained-on evidence over-states the kept pairs' precision
+    assert errors[default][0] <= 0.03 and errors[default][1] <= 0.03, errors
+    assert errors[0][0] > 0.05 and errors[0][1] > 0.05, errors  # trained-on evidence over-states both  # trained-on evidence over-states the kept pairs' precision
 
 
 def test_held_out_pairs_calibrate_instead_of_fold_models():
-    image, text, clean = _crawl(1_200, 0.4, seed=6)
+    image, text, clean = _crawl(4_000, 0.4, seed=6)
     params = BiCroParams(**FAST)
     epochs = []
-    model, out = fit_bicro(image[:600], text[:600], params, held_out=(image[600:], text[600:]),
+    model, out = fit_bicro(image[:2_000], text[:2_000], params, held_out=(image[2_000:], text[2_000:]),
                            on_epoch=lambda e, info: epochs.append(e))
     assert len(epochs) == params.epochs  # no fold models
-    unseen = model.score(image[600:], text[600:])["clean_score"]
-    assert abs(unseen.mean() - clean[600:].mean()) <= 0.03
+    unseen = model.score(image[2_000:], text[2_000:])["clean_score"]  # what the score stage sees: unseen pairs
+    kept = unseen >= 0.5
+    assert abs(unseen.mean() - clean[2_000:].mean()) <= 0.03
+    assert abs(unseen[kept].mean() - clean[2_000:][kept].mean()) <= 0.03

@@ -29,8 +29,8 @@ def pack_config(out: Path, maxcount: int = 10, maxsize: int = 10**9) -> CleanCon
                                        "out": {"maxcount": maxcount, "maxsize": maxsize}})
 
 
-def write_part(config: CleanConfig, sid: str, spec: str, rows: list[Row]) -> None:
-    """One input shard's part, as `write.write_stage` leaves it for the pack step."""
+def write_part(config: CleanConfig, sid: str, spec: str, rows: list[Row], key: str | None = None) -> None:
+    """One input shard's part, as `write.write_stage` leaves it for the pack step; `key`: its write key."""
     writer = PartWriter(part_path(config.output, sid, ".tar"))
     for row, (members, _) in enumerate(rows):
         if members is not None:
@@ -44,7 +44,7 @@ def write_part(config: CleanConfig, sid: str, spec: str, rows: list[Row]) -> Non
                       "output_index": pa.nulls(len(rows), pa.int64())})
     write_parquet_atomic(table, part_path(config.output, sid, ".parquet"), {"shard": spec})
     write_json_atomic(part_path(config.output, sid, ".json"),
-                      {"shard": spec, "shard_id": sid, "cache_key": f"key-{sid}", "counts": {"in": len(rows)},
+                      {"shard": spec, "shard_id": sid, "cache_key": key or f"key-{sid}", "counts": {"in": len(rows)},
                        "outputs": [], "renamed_keys": []})
 
 

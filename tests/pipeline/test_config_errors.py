@@ -81,6 +81,7 @@ BAD: dict[str, tuple[Any, str]] = {
     "bicro.ivf_nlist": (-1, "greater than or equal to 0"),
     "bicro.ivf_nprobe": (0, "greater than or equal to 1"),
     "bicro.calibration_folds": (1, "1 fold cannot cross-fit"),
+    "bicro.anchor_margins": ("yes", "'auto', 'on' or 'off'"),
     "bicro.fit_sample": (1, "1 is too small: 0 (every pair) or at least 2"),
     "select.column": ("nope", "'clean_score'"),
     "select.threshold": (2, "threshold 2 is outside [0, 1]"),

@@ -18,7 +18,7 @@ from bicro_clean.pipeline.pack_plan import output_name, plan_outputs
 from bicro_clean.pipeline.parts import PartWriter, read_index
 from bicro_clean.pipeline.writers import member_bytes, sample_blob, sample_members, tar_info
 
-from pack_fixture import pack_config, pack_parts
+from pack_fixture import pack_config, pack_parts, write_part
 
 
 def _members(i: int, size: int = 100) -> list[tuple[str, bytes]]:
@@ -64,7 +64,8 @@ def test_an_input_shard_larger_than_maxcount_spans_shards(tmp_path):
     assert [[(s.sid, s.kept) for s in o.segments] for o in plan.outputs][1:3] == [
         [("in0", (3, 6))], [("in0", (6, 7)), ("in1", (0, 2))]]
     assert plan.placed["in1"] == [("00002", 1, 0, 2), ("00003", 0, 2, 5), ("00004", 0, 5, 7)]
-    assert plan.owned == {"in0": ["00000", "00001", "00002"], "in1": ["00003", "00004"]}
+    assert {sid: [name for name, _ in owned] for sid, owned in plan.owned.items()} == {
+        "in0": ["00000", "00001", "00002"], "in1": ["00003", "00004"]}
 
 
 def test_maxsize_cuts_by_the_bytes_each_write_recorded(tmp_path):
@@ -128,6 +129,46 @@ def test_place_writes_each_kept_rows_output_shard_and_index_then_removes_the_par
     for suffix in (".tar", ".parquet", ".json"):  # the part is gone; its index stays for a later plan
         assert not Path(part_path(str(tmp_path), "in1", suffix)).exists()
     assert list(read_index(part_path(str(tmp_path), "in1", ".index.parquet"))[0]) == [1, 2, 3, 5, 6]
+
+
+def test_a_changed_input_shard_moves_the_later_samples_and_their_shards_are_written_again(tmp_path):
+    config, sids = pack_config(tmp_path, maxcount=4), ["in0", "in1", "in2"]
+    plan, _ = pack_parts(tmp_path, _inputs(shards=3, rows=3, dropped=()), maxcount=4)
+    place_group([(sid, plan.placed[sid], plan.owned[sid]) for sid in sids], config)  # parts packed and removed
+    assert plan_outputs(config, sids).missing == []  # the same run again needs no part
+
+    write_part(config, "in1", "in/1.tar", [(_members(100), "kept")], key="changed")  # in1 now keeps one sample
+    # both cleaned shards change (00000.tar: in0 + in1's sample, 00001.tar: in2): in0's and in2's samples are
+    # needed again, but their parts are gone, so the run writes them again
+    assert plan_outputs(config, sids).missing == ["in0", "in2"]
+    again = _inputs(shards=3, rows=3, dropped=())
+    write_part(config, "in0", "in/0.tar", again[0])
+    write_part(config, "in2", "in/2.tar", again[2])
+    plan = plan_outputs(config, sids)
+    assert [o.count for o in plan.outputs] == [4, 3] and pack_group(plan.outputs, config) == 2
+    place_group([(sid, plan.placed[sid], plan.owned[sid]) for sid in sids], config)
+    # in0 lists 00000.tar, whose content changed (in1's samples): its marker names the new bytes
+    entry = next(o for o in json.loads((tmp_path / "results" / "in0.json").read_text())["outputs"]
+                 if o["path"] == "shards/00000.tar")
+    assert entry["sha256"] == hashlib.sha256((tmp_path / "shards" / "00000.tar").read_bytes()).hexdigest()
+    rows = pq.read_table(tmp_path / "annotated" / "in2.parquet").to_pylist()
+    assert [(r["output_shard"], r["output_index"]) for r in rows] == [("00001.tar", 0), ("00001.tar", 1),
+                                                                      ("00001.tar", 2)]
+
+
+def test_the_marker_listing_a_shard_follows_its_content(tmp_path):
+    """in0 kept nothing but starts 00000.tar, so its marker lists it; in1 changes: 00000.tar is packed again and
+    in0's marker, whose own rows did not move, names the new bytes."""
+    config, sids = pack_config(tmp_path), ["in0", "in1"]
+    plan, _ = pack_parts(tmp_path, [[(None, "low_clean_score")] * 2, [(_members(i), "kept") for i in range(3)]])
+    place_group([(sid, plan.placed[sid], plan.owned[sid]) for sid in sids], config)
+    write_part(config, "in1", "in/1.tar", [(_members(7), "kept")], key="changed")
+    plan = plan_outputs(config, sids)
+    assert plan.missing == [] and plan.placed["in0"] == [] and pack_group(plan.outputs, config) == 1
+    place_group([(sid, plan.placed[sid], plan.owned[sid]) for sid in sids], config)
+    [entry] = [o for o in json.loads((tmp_path / "results" / "in0.json").read_text())["outputs"] if o["kind"] == "tar"]
+    assert entry["sha256"] == hashlib.sha256((tmp_path / "shards" / "00000.tar").read_bytes()).hexdigest()
+    assert entry["count"] == 1
 
 
 def test_sizes_json_is_what_open_clip_reads(tmp_path):

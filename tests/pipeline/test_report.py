@@ -482,7 +482,9 @@ def test_the_rerun_command_reproduces_the_run_config(truth_run, tmp_path):
         section, field = name.split(".")
         file.setdefault(section, {})[field] = settings[name]
     (tmp_path / "CONFIG.yaml").write_text(yaml.safe_dump(file))
+    assert "--out OUT " in commands.run and commands.select == "bicro-clean select --from OUT"  # not its path
     argv = shlex.split(commands.run.replace("CONFIG.yaml", str(tmp_path / "CONFIG.yaml")))[2:]
+    argv[argv.index("--out") + 1] = config.output  # OUT: the folder holding the page
     done = CliRunner().invoke(app, ["config", *argv, "--threshold", "0.25"])
     assert done.exit_code == 0, done.output
     effective = yaml.safe_load(done.output)

@@ -188,6 +188,6 @@ def test_slider_readouts_match_the_annotated_files(which, request, tmp_path):
         if len(kept):
             fraction = float(re.search(r"--keep-fraction (\S+) --overwrite$", state["th-cmd-fraction"]).group(1))
             assert math.floor(fraction * n + 1e-9) == len(kept)  # select.n_to_keep keeps exactly these pairs
-            assert state["th-cmd-select"] == f"bicro-clean select --from {page.parent} --keep-fraction {fraction:g}"
+            assert state["th-cmd-select"] == f"bicro-clean select --from OUT --keep-fraction {fraction:g}"
         else:
             assert "no keep fraction" in state["th-cmd-fraction"] and state["th-cmd-select"] == ""

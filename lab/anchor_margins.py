@@ -2,6 +2,7 @@
 measurements behind docs/bicro.md#anchor-margins.
 
     python -m bicro_clean.lab.anchor_margins --data DIR [--noise-kind mix] [--pairs 8192] [--repeats 4]
+                                             [--calibration-folds K]
 
 fits BiCro once with the defaults and `anchor_margins: on` (the networks and anchors do not depend on the setting;
 only clean_score's evidence does), then prints JSON lines:
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=".cache/bicro-clean")
     parser.add_argument("--pairs", type=int, default=8192, help="pairs per timed score() call")
     parser.add_argument("--repeats", type=int, default=4, help="timed calls per setting")
+    parser.add_argument("--calibration-folds", type=int, default=None, help="bicro.calibration_folds (default: its)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rates = resolve_rates(args.noise_kind, None if args.noise_kind == "mix" else args.noise_rate)
@@ -137,7 +139,8 @@ def main() -> None:
     image = np.ascontiguousarray(bench.train_image, dtype=np.float32)
     text = np.ascontiguousarray(bench.train_text, dtype=np.float32)
     start = time.perf_counter()
-    model, outputs, seen = fit_recording(image, text, BiCroParams(seed=args.seed, anchor_margins="on"))
+    folds = {} if args.calibration_folds is None else {"calibration_folds": args.calibration_folds}
+    model, outputs, seen = fit_recording(image, text, BiCroParams(seed=args.seed, anchor_margins="on", **folds))
     print(json.dumps({"score": "fit", "pairs": len(image), "seconds": round(time.perf_counter() - start)}), flush=True)
     for row in quality(model, outputs, seen, image, text, bench.clean, bench.kinds()):
         print(json.dumps(row), flush=True)

@@ -82,8 +82,18 @@ def _run_to_completion(config: Path, env: dict[str, str], log: Path) -> None:
 # ---------------------------------------------------------------- looking at the output folder
 
 
-def _files(root: Path) -> tuple[set[str], set[str]]:
-    """(final-named files, temp files) under root, as relative paths."""
+# A write's hand-over to the pack step (shards/.parts/<shard_id>.tar, .parquet, .json): complete files, removed
+# once packed, so they are not progress; only each shard's index stays (pipeline/parts.py).
+HAND_OVER = os.path.join("shards", ".parts") + os.sep
+
+
+def _hand_over(rel: str) -> bool:
+    return rel.startswith(HAND_OVER) and not rel.endswith(".index.parquet")
+
+
+def _files(root: Path, hand_over: bool = False) -> tuple[set[str], set[str]]:
+    """(final-named files, temp files) under root, as relative paths; `hand_over`: the final-named files are the
+    write stage's hand-over files instead."""
     final, temp = set(), set()
     for folder, _, names in os.walk(root):
         if os.path.relpath(folder, root).split(os.sep)[0] == LOCK_DIR:  # empty advisory lock files, not outputs
@@ -92,7 +102,10 @@ def _files(root: Path) -> tuple[set[str], set[str]]:
             rel = os.path.relpath(os.path.join(folder, name), root)
             if rel == RUN_CONFIG:  # the folder's owner record: written once, before any stage, so not progress
                 continue
-            (temp if name.startswith(TMP_PREFIX) else final).add(rel)
+            if name.startswith(TMP_PREFIX):
+                temp.add(rel)
+            elif _hand_over(rel) == hand_over:
+                final.add(rel)
     return final, temp
 
 
@@ -154,7 +167,7 @@ def _check_recorded_hashes(root: Path, final: set[str]) -> None:
 
 def assert_no_partial_final_files(root: Path) -> None:
     final, _ = _files(root)
-    for rel in sorted(final):
+    for rel in sorted(final | _files(root, hand_over=True)[0]):
         CHECKS[Path(rel).suffix](root / rel)
     checkpoints = {Path(rel).parent for rel in final if _stage_of(rel) == "fit"}
     for folder in checkpoints:  # model.json is copied last and marks the folder complete

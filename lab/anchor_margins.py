@@ -15,6 +15,7 @@ only clean_score's evidence does), then prints JSON lines:
 - `cost`: `BiCroModel.score` on `--pairs` pairs with margins off and on, the same loaded model and indexes, run in
   turn (off, on, on, off, ...): median process CPU seconds and wall seconds, and the paired on/off CPU ratio.
 
+`--checkpoint CKPT --embeddings OUT/embeddings` runs only the cost step, on a saved checkpoint and a run's pairs.
 Labels choose nothing; they only measure.
 """
 
@@ -97,7 +98,7 @@ def quality(model: BiCroModel, outputs: dict, seen: dict, image: np.ndarray, tex
     return rows
 
 
-def cost(model: BiCroModel, off_scorer: CleanScorer, image: np.ndarray, text: np.ndarray, pairs: int,
+def cost(model: BiCroModel, off_scorer: CleanScorer | None, image: np.ndarray, text: np.ndarray, pairs: int,
          repeats: int, seed: int) -> dict:
     """Paired CPU timing of model.score with the margins off and on (same indexes, built before timing)."""
     rows = np.random.default_rng(seed).choice(len(image), min(pairs, len(image)), replace=False)
@@ -122,6 +123,24 @@ def cost(model: BiCroModel, off_scorer: CleanScorer, image: np.ndarray, text: np
     return out
 
 
+def checkpoint_cost(checkpoint: str, embeddings: str, pairs: int, repeats: int, seed: int) -> dict:
+    """`cost` for a saved checkpoint on a run's embeddings: its own evidence layout for one setting, the margins
+    computed (on) or not (off) for the other; clean_score is left out of the timing of the setting it lacks."""
+    import pyarrow.dataset as ds
+
+    from bicro_clean.pipeline.score import fixed_list_matrix
+
+    table = ds.dataset(embeddings, format="parquet").to_table(filter=ds.field("status") == "ok")
+    image, text = fixed_list_matrix(table["image_emb"]), fixed_list_matrix(table["text_emb"])
+    model = BiCroModel.load(checkpoint)
+    stored = model.clean_scorer
+    model.params = model.params.model_copy(update={"anchor_margins": "on"})
+    model.clean_scorer = stored if len(stored.weights) > BASE else None
+    off = stored if len(stored.weights) == BASE else None
+    kind = model.scoring_state().indexes[0].kind if model.scoring_state().indexes else "-"
+    return cost(model, off, image, text, pairs, repeats, seed) | {"anchors": len(model.anchor_keys), "index": kind}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data/flickr8k")
@@ -132,8 +151,13 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8192, help="pairs per timed score() call")
     parser.add_argument("--repeats", type=int, default=4, help="timed calls per setting")
     parser.add_argument("--calibration-folds", type=int, default=None, help="bicro.calibration_folds (default: its)")
+    parser.add_argument("--checkpoint", help="only the cost: score with this checkpoint (margins timed on and off)")
+    parser.add_argument("--embeddings", help="with --checkpoint: a run's embeddings/ folder, the pairs to score")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.checkpoint:
+        print(json.dumps(checkpoint_cost(args.checkpoint, args.embeddings, args.pairs, args.repeats, args.seed)))
+        return
     rates = resolve_rates(args.noise_kind, None if args.noise_kind == "mix" else args.noise_rate)
     bench = load_benchmark(args.data, rates, args.seed, args.cache_dir)
     image = np.ascontiguousarray(bench.train_image, dtype=np.float32)

@@ -103,7 +103,7 @@ def fit_model(pool_pairs: int, train_pairs: int, seed: int = 0, embeddings: str 
         pool = data if train == pool_pairs else PairData.build(image, text, "cpu")
         model = finalise(trainer, pool, bank, params, keys, True, "cpu")
         n = min(CALIBRATION_PAIRS, pool_pairs)
-        calibrate_clean_score(model, image[:n], text[:n], keys[:n], seed)
+        calibrate_clean_score(model, image[:n], text[:n], keys[:n])  # no train: calibrated in-sample
     return model
 
 
@@ -169,7 +169,8 @@ def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> d
     from bicro_clean.pipeline.config import CleanConfig
     from bicro_clean.pipeline.finalize import finalize_stage
     from bicro_clean.pipeline.layout import embedding_path
-    from bicro_clean.pipeline.run import input_shards
+    from bicro_clean.pipeline.pack import pack_stage
+    from bicro_clean.pipeline.run import InProcess, input_shards
     from bicro_clean.pipeline.score import load_model, score_shard
     from bicro_clean.pipeline.select import RunWide, duplicate_keys
     from bicro_clean.pipeline.shards import shard_id
@@ -188,6 +189,7 @@ def measure_path(checkpoint: str, shards: int, shard_pairs: int, seed: int) -> d
             score_shard(url, output, checkpoint, model)
         scored, scored_cpu = time.perf_counter(), time.process_time()
         results = [write_stage(u, config, run_wide) for u in urls]
+        pack_stage(InProcess(), config, urls, run_wide)  # shards/NNNNN.tar numbered over the run, then annotated/
         finalize_stage(config, [shard_id(u) for u in urls], checkpoint)
         end, end_cpu = time.perf_counter(), time.process_time()
     kept = sum(r["counts"]["kept"] for r in results)

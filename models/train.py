@@ -181,7 +181,7 @@ def out_of_fold(image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str], pa
 
 
 def calibrate_clean_score(model: BiCroModel, image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str],
-                          train: Callable[[np.ndarray], BiCroModel],
+                          train: Callable[[np.ndarray], BiCroModel] | None = None,
                           held_out: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Fit the model's clean_score (models/clean_score.py, models/calibration.py) and return the training pairs'
     outputs, clean_score included. On held-out pairs when given; else cross-fitted (fold models from
@@ -192,7 +192,7 @@ def calibrate_clean_score(model: BiCroModel, image_emb: np.ndarray, text_emb: np
         _, held, held_reference = evidence_and_reference(model, held_out[0], held_out[1], None, seed)
         model.clean_scorer = CleanScorer.fit(held, held_reference)
         logger.info("clean_score calibrated on %d held-out pairs", len(held))
-    elif can_cross_fit(len(keys), model.params.calibration_folds):
+    elif train is not None and can_cross_fit(len(keys), model.params.calibration_folds):
         full = CleanScorer.fit(evidence, reference)
         model.clean_scorer = cross_fitted(full, evidence, out_of_fold(image_emb, text_emb, keys, model.params, train))
     else:

@@ -110,7 +110,7 @@ def annotated_table(table: pa.Table, plan: dict[str, Any], embeddings: pa.Table 
                  "anchor_key_t2i", "encoder_cosine"):
         columns[name] = table[name]
     columns["truth_clean"] = pa.array(plan["truth_clean"], pa.bool_())
-    columns["noise_kind"] = pa.array(plan["noise_kind"], pa.string())
+    columns["noise_kind"] = pa.array(plan.get("noise_kind", [None] * table.num_rows), pa.string())
     if embeddings is not None:
         columns.update(image_emb=embeddings["image_emb"], text_emb=embeddings["text_emb"])
     return pa.table(columns)

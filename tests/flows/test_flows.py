@@ -203,10 +203,12 @@ def test_cuda_cluster_without_the_extra_or_outside_dask_is_a_clear_error(monkeyp
 def _small(value) -> bool:
     """What may travel into a task: paths, configs, run-wide values, the report scan's bounded partials (fixed-size
     histograms and a few gallery rows per group) and small containers of them, never a model or a tensor."""
+    from bicro_clean.pipeline.pack_plan import OutputPlan
     from bicro_clean.pipeline.report.scan import ScanPartial, ScanSetup
     from bicro_clean.pipeline.select import RunWide
 
-    if isinstance(value, (str, int, float, bool, type(None), CleanConfig, RunWide, ScanSetup, ScanPartial)):
+    # OutputPlan: one output shard's byte ranges in the parts it is cut from (a few per shard, bounded by --maxcount)
+    if isinstance(value, (str, int, float, bool, type(None), CleanConfig, RunWide, ScanSetup, ScanPartial, OutputPlan)):
         return True
     if isinstance(value, (list, tuple)):
         return all(_small(v) for v in value)
@@ -231,11 +233,12 @@ def test_tasks_get_paths_and_configs_only_and_the_summary_times_each_stage(tiny_
 
     summary, _ = run_stages(CleanConfig.model_validate(_params(tiny_shards, tmp_path)), Recording())
     assert [name for name, _ in seen] == ["embed_group", "fit_stage", "score_group", "run_wide_values",
-                                          "write_group", "finalize_stage", "report_scan", "report_stage"]
+                                          "write_group", "plan_stage", "pack_group", "place_group",
+                                          "finalize_stage", "report_scan", "report_stage"]
     for name, args in seen:
         assert _small(args), (name, [type(a) for a in args])
     stages = summary["stage_seconds"]
-    assert list(stages) == ["embed", "fit", "score", "run_wide", "write", "finalize", "report"]
+    assert list(stages) == ["embed", "fit", "score", "run_wide", "write", "pack", "finalize", "report"]
     assert all(isinstance(s, float) and s >= 0 for s in stages.values())
     assert summary["total_seconds"] >= sum(stages.values()) - 0.05
     assert summary["in"] == summary["kept"] + summary["dropped"] + summary["errors"]

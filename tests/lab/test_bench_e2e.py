@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from bicro_clean.cli import app
 
 PAIRS = 36
-STAGES = ["embed", "fit", "score", "run_wide", "write", "finalize", "report"]
+STAGES = ["embed", "fit", "score", "run_wide", "write", "pack", "finalize", "report"]
 
 
 def _positive(x: object) -> bool:

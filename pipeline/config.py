@@ -294,3 +294,14 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
                 raise ValueError(f"{'.'.join(parents[:depth + 1])}: must be a mapping, not {node!r}")
         node[leaf] = value
     return merged
+
+
+def dotted_fields(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dump as {"section.field": value}: how the owner check and the report name settings."""
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted_fields(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat

@@ -27,7 +27,7 @@ from typing import Any
 
 import fsspec
 
-from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.config import CleanConfig, dotted_fields
 from bicro_clean.pipeline.layout import MANIFEST, RUN_CONFIG
 from bicro_clean.pipeline.outlock import OutputError
 from bicro_clean.pipeline.parquet_io import join
@@ -119,21 +119,11 @@ def recorded_owner(output: str) -> dict[str, Any] | None:
     return None
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
-
-
 def differing_fields(recorded: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted field, recorded value, current value) for every field both configs have and set differently, in
     declaration order. A field only one side has (added or removed by another package version) is not a
     difference: an upgrade alone must not lock a user out of their folder."""
-    old, new = _flatten(recorded), _flatten(current)
+    old, new = dotted_fields(recorded), dotted_fields(current)
     return [(name, old[name], value) for name, value in new.items() if name in old and old[name] != value]
 
 

@@ -20,7 +20,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from bicro_clean.pipeline.config import CleanConfig
+from bicro_clean.pipeline.config import CleanConfig, dotted_fields
 from bicro_clean.pipeline.resume import RUNTIME_ONLY
 
 # config field -> `bicro-clean run` flag (bicro_clean/cli.py); booleans have a --x/--no-x pair
@@ -46,16 +46,6 @@ class Commands:
                 "from_file": list(self.from_file)}
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{name}."))
-        else:
-            out[f"{prefix}{name}"] = value
-    return out
-
-
 def _skipped(name: str) -> bool:
     return name.startswith(SKIPPED) or (name.startswith("embed.") and name.split(".", 1)[1] in RUNTIME_ONLY)
 
@@ -63,7 +53,7 @@ def _skipped(name: str) -> bool:
 def changed_settings(config: CleanConfig) -> dict[str, Any]:
     """The output-shaping settings this run has that differ from the defaults (dotted name -> value)."""
     default = CleanConfig.model_validate({"input": config.input, "output": config.output})
-    ours, base = _flat(config.model_dump(mode="json")), _flat(default.model_dump(mode="json"))
+    ours, base = dotted_fields(config.model_dump(mode="json")), dotted_fields(default.model_dump(mode="json"))
     return {name: value for name, value in ours.items() if not _skipped(name) and value != base.get(name)}
 
 
